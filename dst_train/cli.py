@@ -1,0 +1,116 @@
+"""``dst-train`` — one command, one subcommand per job.
+
+Each subcommand parses its arguments here and calls one function of the package; heavy imports
+(torch, transformers, deepspeed) happen inside the subcommand so ``dst-train --help`` is instant.
+Exit codes: 0 success, 1 failure of the job (bad data, failed check), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _make_demo_data(args: argparse.Namespace) -> int:
+    from dst_train.data.synthetic import DemoSpec, make_demo_data
+
+    spec = DemoSpec(videos=args.videos, image_size=args.image_size)
+    summary = make_demo_data(args.out, seed=args.seed, spec=spec)
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"wrote {summary['videos']} videos, {summary['frames']} frames to {summary['root']} "
+        f"(clips per split: {summary['splits']})"
+    )
+    return 0
+
+
+def _validate_data(args: argparse.Namespace) -> int:
+    from dst_train.data.dataset import DatasetPaths
+    from dst_train.data.proassist import DataFormatError
+    from dst_train.data.validate import validate_dataset
+
+    prepared = [Path(p) for p in args.prepared]
+    frames_root = Path(args.frames_root) if args.frames_root else None
+    dst_dir = Path(args.dst_dir) if args.dst_dir else None
+    if args.root:
+        try:
+            paths = DatasetPaths.from_root(args.root)
+        except DataFormatError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        prepared = prepared or paths.prepared
+        frames_root = frames_root or paths.frames_root
+        dst_dir = dst_dir or paths.dst_dir
+    if not prepared and not args.dst_tsv:
+        print(
+            "error: give a dataset ROOT, or --prepared FILE.jsonl and/or --dst-tsv FILE",
+            file=sys.stderr,
+        )
+        return 2
+    if prepared and not args.no_frames and frames_root is None:
+        frames_root = prepared[0].parent.parent  # ProAssist layout: <dataset>/prepared/x.jsonl
+    report = validate_dataset(
+        prepared,
+        frames_root,
+        dst_dir,
+        [Path(p) for p in args.dst_tsv],
+        check_frames=not args.no_frames,
+        span_policy=args.span_policy,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dst-train", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-demo-data", help="write the synthetic demo dataset (real formats)")
+    p.add_argument("--out", required=True, help="dataset root to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--videos", type=int, default=24)
+    p.add_argument("--image-size", type=int, default=64, help="frame side in pixels")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_make_demo_data)
+
+    p = sub.add_parser("validate-data", help="check a dataset and print what it holds")
+    p.add_argument("root", nargs="?", help="dataset root (prepared/, frames/, dst/)")
+    p.add_argument(
+        "--prepared",
+        action="append",
+        default=[],
+        metavar="FILE.jsonl",
+        help="prepared clips file (repeatable)",
+    )
+    p.add_argument("--frames-root", help="folder that frames_file paths are relative to")
+    p.add_argument("--dst-dir", help="folder of <video_uid>.tsv annotations")
+    p.add_argument(
+        "--dst-tsv",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="one DST annotation file (repeatable)",
+    )
+    p.add_argument("--no-frames", action="store_true", help="do not open the frame files")
+    p.add_argument(
+        "--span-policy",
+        default="repair",
+        choices=("error", "repair", "clip"),
+        help="children outside their parent's span: error, or warn and repair/clip",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_validate_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # argparse exits 2 on bad usage
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Shared fixtures: small datasets written in the real formats."""
+
+from __future__ import annotations
+
+import pytest
+
+from dst_train.data.synthetic import DemoSpec, make_demo_data
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """A 6-video demo dataset (both TSV styles, every split), made once per test session."""
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(root, seed=3, spec=DemoSpec(videos=6, image_size=32))
+    return root
+
+
+def write_tsv(path, rows, header="type\tid\tstart_ts\tend_ts\tname"):
+    """Write a DST TSV from tuples (type, id, start, end, name); None/'' means empty."""
+    lines = [header] + ["\t".join("" if c is None else str(c) for c in r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path

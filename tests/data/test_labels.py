@@ -1,0 +1,93 @@
+from dst_train.data.dst_tree import load_dst_tsv
+from dst_train.data.labels import build_clip_labels
+from dst_train.data.proassist import parse_clip
+from tests.conftest import write_tsv
+
+
+def _clip(start=0, end=8):
+    return parse_clip(
+        {
+            "dataset": "d",
+            "video_uid": "v",
+            "clip_idx": 0,
+            "frames_file": "frames/v.arrow",
+            "start_frame_idx": start,
+            "end_frame_idx": end,
+            "fps": 2,
+            "conversation": [
+                {"role": "system", "content": "sys"},
+                {"role": "assistant", "time": 0.0, "content": "hello"},  # before any frame
+                {"role": "frames", "start": start, "end": 3},
+                {"role": "user", "time": 1.2, "content": "what now?"},
+                {"role": "frames", "start": 3, "end": 4},
+                {"role": "assistant", "time": 1.8, "content": "screw it"},
+                {"role": "frames", "start": 4, "end": end},
+            ],
+        },
+        "test:1",
+    )
+
+
+def _tree(tmp_path):
+    # frame f covers [f/2, (f+1)/2) seconds
+    return load_dst_tsv(
+        write_tsv(
+            tmp_path / "v.tsv",
+            [
+                ("STEP", "1", "", "", "s"),
+                ("SUBSTEP", "1.1", "", "", "u"),
+                ("ACTION", "1.1.1", 0.3, 1.6, "a"),  # in_progress in frame 0, completed in frame 3
+                ("ACTION", "1.1.2", 1.7, 1.7, "b"),  # instantaneous, frame 3
+                ("SUBSTEP", "1.2", "", "", "w"),
+                ("ACTION", "1.2.1", 2.5, 3.2, "c"),  # frames 5 and 6
+            ],
+        )
+    )
+
+
+def test_hand_computed_labels(tmp_path):
+    labels = build_clip_labels(_clip(), _tree(tmp_path))
+    assert labels.speak == [0, 0, 0, 1, 0, 0, 0, 0]
+    assert labels.update == [1, 0, 0, 1, 0, 1, 1, 0]
+    assert labels.responses == {3: ["screw it"]}
+    assert labels.pre_frame_assistant_turns == 1
+    assert labels.dst_updates == {
+        0: "1=in_progress; 1.1=in_progress; 1.1.1=in_progress",
+        3: "1.1=completed; 1.1.1=completed; 1.1.2=completed",
+        5: "1.2=in_progress; 1.2.1=in_progress",  # step 1 is already in progress
+        6: "1=completed; 1.2=completed; 1.2.1=completed",
+    }
+    assert set(labels.initial_state.values()) == {"not_started"}
+    # streaming layout: the DST turn comes right after its frame, before the reply
+    kinds = [(s.kind, s.start, s.end, s.frame) for s in labels.segments]
+    assert kinds == [
+        ("system", -1, -1, None),
+        ("assistant", -1, -1, None),
+        ("frames", 0, 1, None),
+        ("dst", -1, -1, 0),
+        ("frames", 1, 3, None),
+        ("user", -1, -1, 2),
+        ("frames", 3, 4, None),
+        ("dst", -1, -1, 3),
+        ("assistant", -1, -1, 3),
+        ("frames", 4, 6, None),
+        ("dst", -1, -1, 5),
+        ("frames", 6, 7, None),
+        ("dst", -1, -1, 6),
+        ("frames", 7, 8, None),
+    ]
+
+
+def test_clip_starting_later_gets_the_state_at_its_start(tmp_path):
+    clip = _clip(start=2)
+    labels = build_clip_labels(clip, _tree(tmp_path))
+    assert labels.initial_state["1.1.1"] == "in_progress"  # began in frame 0, before the clip
+    assert labels.initial_state["1.1"] == "in_progress"
+    assert labels.update == [0, 1, 0, 1, 1, 0]  # frames 2..7
+    assert labels.speak == [0, 1, 0, 0, 0, 0]
+
+
+def test_without_dst_only_speak_labels(tmp_path):
+    labels = build_clip_labels(_clip(), None)
+    assert labels.update is None and labels.initial_state is None
+    assert not any(s.kind == "dst" for s in labels.segments)

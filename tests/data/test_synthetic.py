@@ -1,0 +1,87 @@
+import filecmp
+import json
+
+from dst_train.data.dataset import SPLITS, DatasetPaths, assign_splits, load_split
+from dst_train.data.dst_tree import load_dst_tsv
+from dst_train.data.proassist import FrameReader, read_prepared
+from dst_train.data.synthetic import DemoSpec, make_demo_data
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    spec = DemoSpec(videos=3, image_size=32)
+    make_demo_data(tmp_path / "a", seed=7, spec=spec)
+    make_demo_data(tmp_path / "b", seed=7, spec=spec)
+    make_demo_data(tmp_path / "c", seed=8, spec=spec)
+    files = sorted(
+        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
+    )
+    assert files
+    _, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", files, shallow=False)
+    assert mismatch == [] and errors == []
+    a = (tmp_path / "a" / "prepared" / "train.jsonl").read_text()
+    assert a != (tmp_path / "c" / "prepared" / "train.jsonl").read_text()
+
+
+def test_demo_layout_and_formats(demo_root):
+    paths = DatasetPaths.from_root(demo_root)
+    assert sorted(p.stem for p in paths.prepared) == sorted(SPLITS)
+    styles = set()
+    instant = 0
+    for tsv in sorted((demo_root / "dst").glob("*.tsv")):
+        tree = load_dst_tsv(tsv, "error")  # the demo is clean even under the strict policy
+        styles.add("letter" if tree.order[0].startswith("S") else "numeric")
+        instant += sum(n.start == n.end for n in tree.leaves())
+        assert tsv.read_text().splitlines()[0] == "type\tid\tstart_ts\tend_ts\tname"
+    assert styles == {"letter", "numeric"} and instant > 0
+    for split in SPLITS:
+        for clip in read_prepared(paths.split_file(split)):
+            assert not clip.frames_file.startswith("/")
+            assert len(FrameReader(demo_root / clip.frames_file)) == clip.end_frame_idx
+
+
+def test_demo_labels_are_rare_and_grounded(demo_root):
+    clips = [c for s in SPLITS for c in load_split(demo_root, s)]
+    frames = sum(c.num_frames for c in clips)
+    speak = sum(sum(c.speak) for c in clips)
+    update = sum(sum(c.update) for c in clips)
+    assert 0.03 <= speak / frames <= 0.15, speak / frames
+    assert 0.05 <= update / frames <= 0.17, update / frames
+    # responses mention parts of the task tree ("mount the <part>")
+    texts = [t for c in clips for ts in c.responses.values() for t in ts]
+    assert sum("mount the" in t for t in texts) >= len(clips)
+
+
+def test_splits_are_disjoint_by_video(demo_root):
+    seen = {}
+    for split in SPLITS:
+        for clip in read_prepared(DatasetPaths.from_root(demo_root).split_file(split)):
+            assert seen.setdefault(clip.video_uid, split) == split
+    assert {s for s in seen.values()} == set(SPLITS)
+    many = assign_splits([f"v{i}" for i in range(100)], seed=1)
+    assert sorted(set(many.values())) == sorted(SPLITS)
+    assert sum(v == "train" for v in many.values()) == 70
+    assert assign_splits([f"v{i}" for i in range(100)], seed=1) == many
+
+
+def test_make_demo_data_cli(tmp_path, capsys):
+    from dst_train.cli import main
+
+    assert (
+        main(
+            [
+                "make-demo-data",
+                "--out",
+                str(tmp_path / "d"),
+                "--videos",
+                "3",
+                "--seed",
+                "1",
+                "--image-size",
+                "32",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["videos"] == 3 and sum(summary["splits"].values()) == 3

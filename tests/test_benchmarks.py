@@ -1,0 +1,28 @@
+"""The benchmarks' CPU smoke modes run and write their JSON results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script, tmp_path, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke",
+                           "--out", str(tmp_path), *args],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_data_pipeline_smoke(tmp_path):
+    out = _run("data_pipeline.py", tmp_path)
+    assert "frames_per_s" in out
+    result = json.loads((tmp_path / "data_pipeline_smoke.json").read_text())
+    assert result["versions"]["torch"] and result["command"]
+    assert {r["stage"] for r in result["throughput"]} == {"labels", "frame reads"}
+    assert result["throughput"][0]["frames"] > 0
+    mem = result["memory"]
+    assert mem["long_video_frames"] > mem["short_video_frames"]
+    assert 0.5 < mem["long_over_short"] < 2.0  # memory follows the window, not the video
