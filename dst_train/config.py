@@ -28,11 +28,52 @@ class DataConfig:
     span_policy: str = "repair"  # DST children outside parent span: error | repair | clip
     train_split: str = "train"
     val_split: str = "val"
+    max_seq_len: int = 4096  # tokens per sample; longer clips are split at a frame/turn boundary
+    negative_frame_keep: float = 1.0  # fraction of silent/unchanged frames whose decision loss counts
+    feature_cache: str = ""  # folder of cached pooled vision features ("" = run the vision tower)
+    num_workers: int = 0  # DataLoader workers per rank
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "tiny"  # tiny | smolvlm2-256m | smolvlm2-500m | smolvlm2-2.2b | model folder | hub id
+    pretrained: bool = True  # load weights (folder/hub); False = random init from the architecture
+    tokens_per_frame: int = 1  # k: a perfect square (1, 4, 9, ...)
+    head_hidden: int = 0  # speak/update heads: 0 = linear, else MLP hidden width
+    freeze_vision: bool = True
+    freeze_connector: bool = False
+    freeze_lm: bool = False
+    lora: bool = False  # LoRA adapters on the LM (heads and connector stay trainable)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    qlora: bool = False  # 4-bit base weights (bitsandbytes, CUDA only) + LoRA
+    gradient_checkpointing: bool = False
+    gradient_checkpointing_reentrant: bool = False
+    dtype: str = "auto"  # auto | fp16 | bf16 | fp32 (auto: fp16 < sm80, bf16 >= sm80, cpu_dtype)
+    cpu_dtype: str = "fp32"  # what auto means on CPU: fp32 | bf16
+    attention: str = "auto"  # auto | sdpa | eager | flash_attention_2
+
+
+@dataclass
+class LossConfig:
+    decision_loss: str = "focal"  # focal | bce (speak and update heads)
+    focal_alpha: float = 0.25  # positives weight; negatives get 1 - alpha
+    focal_gamma: float = 2.0
+    text_focal_gamma: float = 0.0  # response/DST token loss: 0 = cross-entropy
+    speak_weight: float = 1.0
+    update_weight: float = 1.0
+    response_weight: float = 1.0
+    dst_weight: float = 1.0
 
 
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     output_dir: str = "runs/default"  # run directory: checkpoints/, hf/, metrics.jsonl, plots
     seed: int = 0
 
@@ -43,7 +84,27 @@ class RunConfig:
             problems.append(
                 f"data.span_policy must be error|repair|clip, got {self.data.span_policy!r}"
             )
+        if not 0 < self.data.negative_frame_keep <= 1:
+            problems.append("data.negative_frame_keep must be in (0, 1]")
+        k = self.model.tokens_per_frame
+        if k < 1 or int(k**0.5) ** 2 != k:
+            problems.append(f"model.tokens_per_frame must be a perfect square, got {k}")
+        if self.loss.decision_loss not in ("focal", "bce"):
+            problems.append("loss.decision_loss must be focal|bce")
+        if self.model.qlora and not self.model.lora:
+            problems.append("model.qlora needs model.lora=true")
         return problems
+
+    def head_config(self):
+        from dst_train.model.dst_model import HeadConfig
+
+        lc = self.loss
+        return HeadConfig(tokens_per_frame=self.model.tokens_per_frame,
+                          head_hidden=self.model.head_hidden, decision_loss=lc.decision_loss,
+                          focal_alpha=lc.focal_alpha, focal_gamma=lc.focal_gamma,
+                          text_focal_gamma=lc.text_focal_gamma, speak_weight=lc.speak_weight,
+                          update_weight=lc.update_weight, response_weight=lc.response_weight,
+                          dst_weight=lc.dst_weight)
 
 
 # --------------------------------------------------------------- loading

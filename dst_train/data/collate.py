@@ -1,0 +1,130 @@
+"""Batches: a torch Dataset over built samples, dynamic padding, length-grouped sampling.
+
+A batch is a dict of tensors (B = micro-batch, T = longest sequence, D = frames in the batch)::
+
+    input_ids (B, T)  attention_mask (B, T)  targets (B, T)  target_kind (B, T)
+    decision_index (D, 2) — (row, position) of each frame's last token, in frame order
+    speak (D,)  update (D,)  speak_weight (D,)  update_weight (D,)
+    pixel_values (D, 3, S, S)  or  frame_features (D, P, Dv)
+
+Frames are listed row-major (row 0's frames, then row 1's), which is the order of the image tokens
+in ``input_ids`` — the model scatters frame embeddings into image-token slots in that order.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from torch.utils.data import Dataset
+
+from dst_train.data.sequence import IGNORE, Sample
+
+
+class SampleDataset(Dataset):
+    """Samples + where their frames come from (``FramePixels`` or ``FeatureCache``)."""
+
+    def __init__(self, samples: list[Sample], frame_source, features: bool,
+                 negative_frame_keep: float = 1.0, seed: int = 0):
+        self.samples = samples
+        self.source = frame_source
+        self.features = features
+        self.keep = negative_frame_keep
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.samples]
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        frames = self.source.load(s.frames_file, s.frames)
+        rng = random.Random(hash((self.seed, self.epoch, i)))
+        return {"sample": s, "frames": frames,
+                "speak_weight": self._weights(s.speak, rng),
+                "update_weight": self._weights(s.update, rng)}
+
+    def _weights(self, labels: list[int], rng: random.Random) -> list[float]:
+        """1 for positives; negatives kept with probability ``keep`` (ProAssist kept 10 %); 0
+        where the label is unknown (-1, no DST annotation)."""
+        return [0.0 if y < 0 else 1.0 if y == 1 or self.keep >= 1.0 or rng.random() < self.keep
+                else 0.0 for y in labels]
+
+
+def make_collate(pad_id: int, features: bool):
+    def collate(items: list[dict]) -> dict:
+        width = max(len(it["sample"]) for it in items)
+        batch = {k: torch.full((len(items), width), v, dtype=torch.long)
+                 for k, v in (("input_ids", pad_id), ("attention_mask", 0), ("targets", IGNORE),
+                              ("target_kind", 0))}
+        dec, speak, update, sw, uw = [], [], [], [], []
+        for row, it in enumerate(items):
+            s = it["sample"]
+            n = len(s)
+            batch["input_ids"][row, :n] = torch.tensor(s.input_ids)
+            batch["attention_mask"][row, :n] = 1
+            batch["targets"][row, :n] = torch.tensor(s.targets)
+            batch["target_kind"][row, :n] = torch.tensor(s.target_kind)
+            dec += [(row, p) for p in s.decision_pos]
+            speak += s.speak
+            update += s.update
+            sw += it["speak_weight"]
+            uw += it["update_weight"]
+        batch["decision_index"] = torch.tensor(dec, dtype=torch.long).view(-1, 2)
+        batch["speak"] = torch.tensor(speak, dtype=torch.long)
+        batch["update"] = torch.tensor(update, dtype=torch.long).clamp(min=0)
+        batch["speak_weight"] = torch.tensor(sw)
+        batch["update_weight"] = torch.tensor(uw)
+        frames = torch.cat([it["frames"] for it in items])
+        batch["frame_features" if features else "pixel_values"] = frames
+        return batch
+
+    return collate
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Batch sampler (``DataLoader(batch_sampler=...)``): shuffled micro-batches of similar
+    length, split across data-parallel ranks.
+
+    Indices are shuffled per epoch, cut into windows of ``group`` micro-batches, sorted by length
+    inside a window (less padding), cut into micro-batches, and the batches shuffled again. Every
+    rank gets the same number of batches (the tail is wrapped), so no rank waits on a collective.
+    ``skip`` batches are dropped from the start: the data position on resume.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, group: int = 50):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.world = world_size
+        self.rank = rank
+        self.seed = seed
+        self.group = group
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        idx = list(range(len(self.lengths)))
+        rng.shuffle(idx)
+        window = self.batch_size * self.group
+        out = []
+        for w in range(0, len(idx), window):
+            chunk = sorted(idx[w:w + window], key=lambda i: self.lengths[i])
+            out += [chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(out)
+        per_rank = -(-len(out) // self.world)  # ceil
+        out += out[: per_rank * self.world - len(out)]  # wrap so all ranks step together
+        return out[self.rank::self.world]
+
+    def __iter__(self):
+        yield from self.batches()[self.skip:]
+
+    def __len__(self) -> int:
+        return len(self.batches()) - self.skip

@@ -1,0 +1,129 @@
+"""Build the model a run asks for: precision, weights, frozen parts, LoRA/QLoRA, checkpointing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dst_train.config import ModelConfig
+from dst_train.model.backbone import SmolVLMBackbone, load_hf_model
+from dst_train.model.dst_model import DSTModel, HeadConfig
+from dst_train.model.precision import DTYPES, device_capability, select_precision
+
+GROUPS = ("vision", "connector", "lm", "lm_head", "heads", "lora")
+
+
+@dataclass
+class Precision:
+    dtype: str  # fp16 | bf16 | fp32
+    attention: str  # sdpa | eager | flash_attention_2
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+_DETECT = (-1, -1)
+
+
+def resolve_precision(mcfg: ModelConfig, capability: tuple[int, int] | None = _DETECT) -> Precision:
+    """dtype and attention for ``capability`` (None = CPU; default: the current device)."""
+    if capability == _DETECT:
+        capability = device_capability()
+    return Precision(*select_precision(capability, mcfg.dtype, mcfg.attention,
+                                       cpu_dtype=mcfg.cpu_dtype))
+
+
+def build_model(mcfg: ModelConfig, heads: HeadConfig, precision: Precision) -> DSTModel:
+    """The DSTModel with every memory option of ``mcfg`` applied (on the current device context:
+    call it under ``torch.device("meta")`` to count parameters without memory)."""
+    quant = None
+    if mcfg.qlora:
+        quant = qlora_config(precision.torch_dtype)
+    hf = load_hf_model(mcfg.arch, mcfg.pretrained, precision.torch_dtype, precision.attention,
+                       quantization_config=quant)
+    model = DSTModel(SmolVLMBackbone(hf, heads.tokens_per_frame), heads).to(precision.torch_dtype)
+    set_trainable(model, mcfg)
+    if mcfg.lora:
+        add_lora(model, mcfg)
+    if mcfg.gradient_checkpointing:
+        hf.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": mcfg.gradient_checkpointing_reentrant})
+        if mcfg.gradient_checkpointing_reentrant:
+            hf.enable_input_require_grads()  # reentrant checkpoints need an input that has grad
+    return model
+
+
+def qlora_config(compute_dtype: torch.dtype):
+    if not torch.cuda.is_available():
+        raise ValueError("model.qlora needs a CUDA GPU: bitsandbytes 4-bit weights do not run on "
+                         "the CPU. Use model.lora=true without qlora, or run on a GPU.")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=True,
+                              llm_int8_skip_modules=["vision_model", "connector", "lm_head"])
+
+
+def set_trainable(model: DSTModel, mcfg: ModelConfig) -> None:
+    """Heads always train; vision/connector/LM follow the freeze flags (LoRA freezes the LM)."""
+    groups = model.backbone.module_groups()
+    frozen = {"vision": mcfg.freeze_vision, "connector": mcfg.freeze_connector,
+              "lm": mcfg.freeze_lm or mcfg.lora, "lm_head": mcfg.freeze_lm or mcfg.lora}
+    for name, module in groups.items():
+        module.requires_grad_(not frozen[name])
+    for head in (model.speak_head, model.update_head):
+        head.requires_grad_(True)
+
+
+def add_lora(model: DSTModel, mcfg: ModelConfig) -> None:
+    """LoRA adapters on the LM trunk's linear layers (peft); replaces ``text_model`` in place."""
+    from peft import LoraConfig, get_peft_model
+
+    hf = model.backbone.hf
+    if mcfg.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(hf.model.text_model,
+                                        use_gradient_checkpointing=mcfg.gradient_checkpointing)
+    config = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
+                        target_modules=list(mcfg.lora_targets), bias="none")
+    hf.model.text_model = get_peft_model(hf.model.text_model, config)
+
+
+def merge_lora(model: DSTModel) -> None:
+    """Fold LoRA adapters into the LM weights (for a plain transformers checkpoint)."""
+    hf = model.backbone.hf
+    if hasattr(hf.model.text_model, "merge_and_unload"):
+        hf.model.text_model = hf.model.text_model.merge_and_unload()
+
+
+def group_of(name: str) -> str:
+    """Which part of the model a parameter name belongs to."""
+    if "lora_" in name:
+        return "lora"
+    if name.startswith(("speak_head", "update_head")):
+        return "heads"
+    if ".vision_model." in name:
+        return "vision"
+    if ".connector." in name:
+        return "connector"
+    if ".lm_head." in name:
+        return "lm_head"
+    return "lm"
+
+
+def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
+    """``{group: {"total": n, "trainable": m}}`` plus an ``all`` row."""
+    counts = {g: {"total": 0, "trainable": 0} for g in (*GROUPS, "all")}
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None:  # bitsandbytes packs 2 values per byte
+            n *= 2
+        for g in (group_of(name), "all"):
+            counts[g]["total"] += n
+            counts[g]["trainable"] += n if p.requires_grad else 0
+    return counts

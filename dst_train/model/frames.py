@@ -1,0 +1,137 @@
+"""Frame inputs of a sample: pixels (online path) or cached pooled vision features.
+
+With a frozen vision tower, ``build_feature_cache`` runs it once over every frame a dataset uses
+and stores the *pooled* outputs (before the trainable connector) in Arrow, fp16, one file per
+frames file. Training then reads features instead of pixels and never runs the vision tower —
+the output is the same as the online path up to fp16 rounding (tests/model/test_frames.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dst_train.data.proassist import DataFormatError, FrameReader
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` runs of a sorted-or-not index list, in order."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+class FramePixels:
+    """Reads frames lazily and turns them into ``(N, 3, S, S)`` pixel tensors."""
+
+    def __init__(self, root: str | Path, image_processor):
+        self.root = Path(root)
+        self.processor = image_processor
+        self._readers: dict[str, FrameReader] = {}
+
+    def reader(self, frames_file: str) -> FrameReader:
+        if frames_file not in self._readers:
+            self._readers[frames_file] = FrameReader(self.root / frames_file)
+        return self._readers[frames_file]
+
+    def load(self, frames_file: str, frames: list[int]) -> torch.Tensor:
+        reader = self.reader(frames_file)
+        images = [img for a, b in _runs(frames) for img in reader.images(a, b)]
+        return pixels(self.processor, images)
+
+
+def pixels(processor, images: list) -> torch.Tensor:
+    """PIL images → ``(N, 3, S, S)`` float tensor (one image per frame, no splitting)."""
+    if not images:
+        size = processor.max_image_size["longest_edge"]
+        return torch.zeros(0, 3, size, size)
+    out = processor([[im] for im in images], return_tensors="pt")
+    return out["pixel_values"][:, 0]
+
+
+def cache_key(arch_config: dict, tokens_per_frame: int, image_size: int) -> str:
+    """Features depend on the vision weights' architecture, k and the input size."""
+    blob = json.dumps({"vision": arch_config, "k": tokens_per_frame, "size": image_size},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """Arrow files of pooled vision features: ``DIR/<frames_file>.arrow`` + ``DIR/cache.json``."""
+
+    def __init__(self, cache_dir: str | Path, expect_key: str | None = None):
+        from datasets import Dataset
+
+        self.dir = Path(cache_dir)
+        info_path = self.dir / "cache.json"
+        if not info_path.is_file():
+            raise DataFormatError(f"{self.dir}: not a feature cache (no cache.json); build one with "
+                                  "`dst-train cache-features`")
+        self.info = json.loads(info_path.read_text())
+        if expect_key is not None and self.info["key"] != expect_key:
+            raise DataFormatError(f"{self.dir}: feature cache was built for another model or "
+                                  f"tokens_per_frame (key {self.info['key']} != {expect_key})")
+        self._Dataset = Dataset
+        self._files: dict[str, object] = {}
+
+    def load(self, frames_file: str, frames: list[int]) -> torch.Tensor:
+        """``(N, P, Dv)`` fp16 features of ``frames``."""
+        if frames_file not in self._files:
+            path = self.dir / (frames_file + ".arrow")
+            if not path.is_file():
+                raise DataFormatError(f"{path}: no cached features for {frames_file}")
+            self._files[frames_file] = self._Dataset.from_file(str(path)).with_format("numpy")
+        ds = self._files[frames_file]
+        parts = []
+        for a, b in _runs(frames):
+            if b > ds.num_rows:
+                raise DataFormatError(f"{self.dir / frames_file}.arrow: frames [{a}, {b}) past its "
+                                      f"{ds.num_rows} rows")
+            parts.append(np.asarray(ds[a:b]["features"], dtype=np.float16))
+        if not parts:
+            shape = self.info["shape"]
+            return torch.zeros(0, *shape, dtype=torch.float16)
+        return torch.from_numpy(np.concatenate(parts))
+
+
+@torch.no_grad()
+def build_feature_cache(backbone, root: str | Path, frames_files: list[str], out: str | Path,
+                        image_processor, key: str, batch_size: int = 64,
+                        device: str | torch.device = "cpu") -> Path:
+    """Run the vision tower + pooling over every frame of ``frames_files`` into ``out``."""
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.features import Array2D, Features
+
+    out = Path(out)
+    source = FramePixels(root, image_processor)
+    shape = None
+    for frames_file in tqdm(sorted(set(frames_files)), desc="caching features", unit="video"):
+        reader = source.reader(frames_file)
+        path = out / (frames_file + ".arrow")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".arrow.tmp")
+        writer = None
+        for a in range(0, len(reader), batch_size):
+            px = pixels(image_processor, reader.images(a, min(a + batch_size, len(reader))))
+            feats = backbone.frame_features(px.to(device)).to(torch.float16).cpu().numpy()
+            if writer is None:
+                shape = tuple(feats.shape[1:])
+                features = Features({"features": Array2D(shape=shape, dtype="float16")})
+                writer = ArrowWriter(path=str(tmp), features=features)
+            for row in feats:
+                writer.write({"features": row})
+        if writer is not None:
+            writer.finalize()
+            writer.close()
+            tmp.replace(path)  # a crash mid-file never leaves a truncated cache file
+    (out / "cache.json").write_text(json.dumps({"key": key, "shape": list(shape or ())}))
+    return out

@@ -1,0 +1,95 @@
+"""A tiny random SmolVLM (same classes as the real ones) with a tokenizer trained locally.
+
+``make_tiny_model(out, corpus)`` writes a folder laid out like a real model — config.json,
+model.safetensors, tokenizer.json/tokenizer_config.json, preprocessor_config.json — so every later
+stage (training, conversion, evaluation) loads it exactly as it would load SmolVLM2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from dst_train.model.backbone import ChatFormat
+
+TINY_IMAGE_SIZE = 32
+TINY_VOCAB = 1024
+
+
+def tiny_config(vocab_size: int = TINY_VOCAB, image_token_id: int = 3):
+    """LM hidden 64 × 2 layers, vision hidden 32 × 2 layers, image 32 / patch 8, scale 2 → 4 tokens
+    per image natively (~0.2 M parameters with a 1k vocabulary)."""
+    from transformers import SmolVLMConfig
+
+    return SmolVLMConfig(
+        image_token_id=image_token_id, scale_factor=2, tie_word_embeddings=False,
+        text_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "vocab_size": vocab_size, "max_position_embeddings": 8192,
+                     "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "pad_token_id": 0,
+                     "bos_token_id": 1, "eos_token_id": 2},
+        vision_config={"model_type": "smolvlm_vision", "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": TINY_IMAGE_SIZE, "patch_size": 8},
+    )
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB):
+    """Byte-level BPE (any text encodes, no unknown token) with SmolVLM's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    chat = ChatFormat()
+    # ids 0..3 are fixed: pad, bos, end-of-utterance (eos), image
+    specials = [chat.pad, chat.bos, chat.end, chat.image]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=chat.pad, bos_token=chat.bos,
+                                   eos_token=chat.end, additional_special_tokens=[chat.image])
+
+
+def image_processor(size: int = TINY_IMAGE_SIZE):
+    """SmolVLM's PIL image processor (the default one needs torchvision) with no image splitting:
+    one frame → one ``size``×``size`` image."""
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    return SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": size},
+                                    max_image_size={"longest_edge": size})
+
+
+def make_tiny_model(out: str | Path, corpus: Iterable[str], seed: int = 0) -> Path:
+    """Write the tiny model folder; returns its path."""
+    import torch
+    from transformers import SmolVLMForConditionalGeneration
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(corpus)
+    image_token_id = tokenizer.convert_tokens_to_ids(ChatFormat().image)
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(tiny_config(len(tokenizer), image_token_id))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor().save_pretrained(out)
+    return out
+
+
+def demo_corpus(root: str | Path) -> list[str]:
+    """Every text a demo dataset can put in a sequence: turns, node names, states, transitions."""
+    from dst_train.data.dataset import SPLITS, load_split
+    from dst_train.data.dst_tree import STATES, load_dst_tsv
+
+    texts = [f"{s}" for s in STATES]
+    for split in SPLITS:
+        for clip in load_split(root, split):
+            texts += [t.content for t in clip.clip.conversation if t.role != "frames"]
+            texts += list(clip.dst_updates.values())
+    for tsv in sorted((Path(root) / "dst").glob("*.tsv")):
+        tree = load_dst_tsv(tsv)
+        texts.append(tree.render_state(tree.initial_state()))
+    return texts
