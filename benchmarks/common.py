@@ -27,13 +27,20 @@ def environment() -> dict:
 
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            device.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
-                          capability=f"{props.major}.{props.minor}")
+            device.update(
+                gpu=props.name,
+                gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                capability=f"{props.major}.{props.minor}",
+            )
     except ImportError:
         pass
-    return {"device": device, "python": platform.python_version(), "versions": versions,
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "device": device,
+        "python": platform.python_version(),
+        "versions": versions,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _cores() -> int:

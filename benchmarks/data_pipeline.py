@@ -30,8 +30,15 @@ def long_spec(videos: int, smoke: bool) -> DemoSpec:
     if smoke:
         return DemoSpec(videos=videos, action_frames=(20, 30), gap_frames=(2, 6), image_size=32)
     # 27 actions of 100-200 frames: >= 2 970 frames (25+ minutes at 2 fps) per video
-    return DemoSpec(videos=videos, steps=(3, 3), substeps=(3, 3), actions=(3, 3),
-                    action_frames=(100, 200), gap_frames=(10, 40), image_size=64)
+    return DemoSpec(
+        videos=videos,
+        steps=(3, 3),
+        substeps=(3, 3),
+        actions=(3, 3),
+        action_frames=(100, 200),
+        gap_frames=(10, 40),
+        image_size=64,
+    )
 
 
 def bench_labels(root: Path, repeats: int) -> dict:
@@ -43,8 +50,14 @@ def bench_labels(root: Path, repeats: int) -> dict:
                 clips += 1
                 frames += labels.num_frames
     dt = time.perf_counter() - t0
-    return {"stage": "labels", "clips": clips, "frames": frames, "seconds": dt,
-            "clips_per_s": clips / dt, "frames_per_s": frames / dt}
+    return {
+        "stage": "labels",
+        "clips": clips,
+        "frames": frames,
+        "seconds": dt,
+        "clips_per_s": clips / dt,
+        "frames_per_s": frames / dt,
+    }
 
 
 def bench_frames(root: Path, window: int) -> dict:
@@ -81,26 +94,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         long_root, short_root = Path(tmp) / "long", Path(tmp) / "short"
         make_demo_data(long_root, seed=1, spec=long_spec(args.videos, args.smoke))
-        make_demo_data(short_root, seed=1, spec=DemoSpec(videos=3, image_size=long_spec(
-            1, args.smoke).image_size))
+        make_demo_data(
+            short_root,
+            seed=1,
+            spec=DemoSpec(videos=3, image_size=long_spec(1, args.smoke).image_size),
+        )
         clips = [c for p in DatasetPaths.from_root(long_root).prepared for c in read_prepared(p)]
         rows = [bench_labels(long_root, args.repeats), bench_frames(long_root, args.window)]
-        long_arrow = max((long_root / c.frames_file for c in clips),
-                         key=lambda p: len(FrameReader(p)))
+        long_arrow = max(
+            (long_root / c.frames_file for c in clips), key=lambda p: len(FrameReader(p))
+        )
         short_arrow = next((short_root / "frames").glob("*.arrow"))
-        mem = {"window": args.window,
-               "short_video_frames": len(FrameReader(short_arrow)),
-               "long_video_frames": len(FrameReader(long_arrow)),
-               "short_peak_kib": window_peak_bytes(short_arrow, args.window) / 1024,
-               "long_peak_kib": window_peak_bytes(long_arrow, args.window) / 1024}
+        mem = {
+            "window": args.window,
+            "short_video_frames": len(FrameReader(short_arrow)),
+            "long_video_frames": len(FrameReader(long_arrow)),
+            "short_peak_kib": window_peak_bytes(short_arrow, args.window) / 1024,
+            "long_peak_kib": window_peak_bytes(long_arrow, args.window) / 1024,
+        }
         mem["long_over_short"] = mem["long_peak_kib"] / mem["short_peak_kib"]
         frames_per_video = [c.num_frames for c in clips]
     print(table(rows, ["stage", "clips", "frames", "seconds", "clips_per_s", "frames_per_s"]))
     print()
     print(table([mem], list(mem)))
-    path = write_result("data_pipeline_smoke" if args.smoke else "data_pipeline",
-                        {"frames_per_video": frames_per_video, "throughput": rows, "memory": mem},
-                        Path(args.out) if args.out else None)
+    path = write_result(
+        "data_pipeline_smoke" if args.smoke else "data_pipeline",
+        {"frames_per_video": frames_per_video, "throughput": rows, "memory": mem},
+        Path(args.out) if args.out else None,
+    )
     print(f"\nwrote {path}")
 
 

@@ -65,6 +65,51 @@ def _validate_data(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from dst_train.model.tiny import demo_corpus, make_tiny_model
+
+    path = make_tiny_model(args.out, demo_corpus(args.data), seed=args.seed)
+    print(f"wrote tiny SmolVLM model folder {path}")
+    return 0
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from dst_train.config import ConfigError, ModelConfig, RunConfig, load_config
+    from dst_train.model.info import format_info, model_info
+
+    try:
+        cfg = (
+            load_config(args.config, args.overrides)
+            if args.config or args.overrides
+            else RunConfig()
+        )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mcfg: ModelConfig = cfg.model
+    if args.arch:
+        mcfg.arch = args.arch
+    if args.tokens_per_frame:
+        mcfg.tokens_per_frame = args.tokens_per_frame
+    try:
+        info = model_info(mcfg, gpus=args.gpus, dtype=args.dtype)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def _cache_features(args: argparse.Namespace) -> int:
+    from dst_train.config import load_config
+    from dst_train.model.frames import cache_dataset_features
+
+    cfg = load_config(args.config, args.overrides)
+    out = cache_dataset_features(cfg, args.out, batch_size=args.batch_size)
+    print(f"wrote feature cache {out}; train with data.feature_cache={out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dst-train", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_validate_data)
+
+    p = sub.add_parser("make-tiny-model", help="write a tiny random SmolVLM + tokenizer folder")
+    p.add_argument("--data", required=True, help="dataset root whose texts train the tokenizer")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny_model)
+
+    p = sub.add_parser("model-info", help="parameter counts and model-state memory (meta device)")
+    p.add_argument("--arch", help="tiny | smolvlm2-256m | smolvlm2-500m | smolvlm2-2.2b | PATH")
+    p.add_argument("--tokens-per-frame", type=int, default=0, help="k (default: the config's)")
+    p.add_argument("--gpus", type=int, default=2, help="data-parallel GPUs for ZeRO sharding")
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--config", help="run config YAML (its model section is used)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. model.lora=true")
+    p.set_defaults(func=_model_info)
+
+    p = sub.add_parser("cache-features", help="precompute pooled vision features of a dataset")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True, help="feature cache folder")
+    p.add_argument("--batch-size", type=int, default=64, help="frames per vision forward")
+    p.add_argument("overrides", nargs="*", help="key=value")
+    p.set_defaults(func=_cache_features)
     return parser
 
 

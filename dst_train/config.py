@@ -29,14 +29,18 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     max_seq_len: int = 4096  # tokens per sample; longer clips are split at a frame/turn boundary
-    negative_frame_keep: float = 1.0  # fraction of silent/unchanged frames whose decision loss counts
+    negative_frame_keep: float = (
+        1.0  # fraction of silent/unchanged frames whose decision loss counts
+    )
     feature_cache: str = ""  # folder of cached pooled vision features ("" = run the vision tower)
     num_workers: int = 0  # DataLoader workers per rank
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "tiny"  # tiny | smolvlm2-256m | smolvlm2-500m | smolvlm2-2.2b | model folder | hub id
+    arch: str = (
+        "tiny"  # tiny | smolvlm2-256m | smolvlm2-500m | smolvlm2-2.2b | model folder | hub id
+    )
     pretrained: bool = True  # load weights (folder/hub); False = random init from the architecture
     tokens_per_frame: int = 1  # k: a perfect square (1, 4, 9, ...)
     head_hidden: int = 0  # speak/update heads: 0 = linear, else MLP hidden width
@@ -47,8 +51,17 @@ class ModelConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_targets: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
     qlora: bool = False  # 4-bit base weights (bitsandbytes, CUDA only) + LoRA
     gradient_checkpointing: bool = False
     gradient_checkpointing_reentrant: bool = False
@@ -99,12 +112,18 @@ class RunConfig:
         from dst_train.model.dst_model import HeadConfig
 
         lc = self.loss
-        return HeadConfig(tokens_per_frame=self.model.tokens_per_frame,
-                          head_hidden=self.model.head_hidden, decision_loss=lc.decision_loss,
-                          focal_alpha=lc.focal_alpha, focal_gamma=lc.focal_gamma,
-                          text_focal_gamma=lc.text_focal_gamma, speak_weight=lc.speak_weight,
-                          update_weight=lc.update_weight, response_weight=lc.response_weight,
-                          dst_weight=lc.dst_weight)
+        return HeadConfig(
+            tokens_per_frame=self.model.tokens_per_frame,
+            head_hidden=self.model.head_hidden,
+            decision_loss=lc.decision_loss,
+            focal_alpha=lc.focal_alpha,
+            focal_gamma=lc.focal_gamma,
+            text_focal_gamma=lc.text_focal_gamma,
+            speak_weight=lc.speak_weight,
+            update_weight=lc.update_weight,
+            response_weight=lc.response_weight,
+            dst_weight=lc.dst_weight,
+        )
 
 
 # --------------------------------------------------------------- loading

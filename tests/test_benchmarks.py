@@ -9,9 +9,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(script, tmp_path, *args):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke",
-                           "--out", str(tmp_path), *args],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / script),
+            "--smoke",
+            "--out",
+            str(tmp_path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

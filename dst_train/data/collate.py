@@ -24,8 +24,14 @@ from dst_train.data.sequence import IGNORE, Sample
 class SampleDataset(Dataset):
     """Samples + where their frames come from (``FramePixels`` or ``FeatureCache``)."""
 
-    def __init__(self, samples: list[Sample], frame_source, features: bool,
-                 negative_frame_keep: float = 1.0, seed: int = 0):
+    def __init__(
+        self,
+        samples: list[Sample],
+        frame_source,
+        features: bool,
+        negative_frame_keep: float = 1.0,
+        seed: int = 0,
+    ):
         self.samples = samples
         self.source = frame_source
         self.features = features
@@ -43,23 +49,34 @@ class SampleDataset(Dataset):
         s = self.samples[i]
         frames = self.source.load(s.frames_file, s.frames)
         rng = random.Random(hash((self.seed, self.epoch, i)))
-        return {"sample": s, "frames": frames,
-                "speak_weight": self._weights(s.speak, rng),
-                "update_weight": self._weights(s.update, rng)}
+        return {
+            "sample": s,
+            "frames": frames,
+            "speak_weight": self._weights(s.speak, rng),
+            "update_weight": self._weights(s.update, rng),
+        }
 
     def _weights(self, labels: list[int], rng: random.Random) -> list[float]:
         """1 for positives; negatives kept with probability ``keep`` (ProAssist kept 10 %); 0
         where the label is unknown (-1, no DST annotation)."""
-        return [0.0 if y < 0 else 1.0 if y == 1 or self.keep >= 1.0 or rng.random() < self.keep
-                else 0.0 for y in labels]
+        return [
+            0.0 if y < 0 else 1.0 if y == 1 or self.keep >= 1.0 or rng.random() < self.keep else 0.0
+            for y in labels
+        ]
 
 
 def make_collate(pad_id: int, features: bool):
     def collate(items: list[dict]) -> dict:
         width = max(len(it["sample"]) for it in items)
-        batch = {k: torch.full((len(items), width), v, dtype=torch.long)
-                 for k, v in (("input_ids", pad_id), ("attention_mask", 0), ("targets", IGNORE),
-                              ("target_kind", 0))}
+        batch = {
+            k: torch.full((len(items), width), v, dtype=torch.long)
+            for k, v in (
+                ("input_ids", pad_id),
+                ("attention_mask", 0),
+                ("targets", IGNORE),
+                ("target_kind", 0),
+            )
+        }
         dec, speak, update, sw, uw = [], [], [], [], []
         for row, it in enumerate(items):
             s = it["sample"]
@@ -95,8 +112,15 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
     ``skip`` batches are dropped from the start: the data position on resume.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, world_size: int = 1, rank: int = 0,
-                 seed: int = 0, group: int = 50):
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        group: int = 50,
+    ):
         self.lengths = lengths
         self.batch_size = batch_size
         self.world = world_size
@@ -116,15 +140,15 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         window = self.batch_size * self.group
         out = []
         for w in range(0, len(idx), window):
-            chunk = sorted(idx[w:w + window], key=lambda i: self.lengths[i])
-            out += [chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+            chunk = sorted(idx[w : w + window], key=lambda i: self.lengths[i])
+            out += [chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
         rng.shuffle(out)
         per_rank = -(-len(out) // self.world)  # ceil
         out += out[: per_rank * self.world - len(out)]  # wrap so all ranks step together
-        return out[self.rank::self.world]
+        return out[self.rank :: self.world]
 
     def __iter__(self):
-        yield from self.batches()[self.skip:]
+        yield from self.batches()[self.skip :]
 
     def __len__(self) -> int:
         return len(self.batches()) - self.skip

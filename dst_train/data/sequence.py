@@ -50,8 +50,14 @@ class Sample:
 class SequenceBuilder:
     """Renders :class:`ClipLabels` into :class:`Sample` s for one tokenizer and backbone."""
 
-    def __init__(self, tokenizer, chat: ChatFormat, image_token_id: int, tokens_per_frame: int,
-                 max_seq_len: int = 4096):
+    def __init__(
+        self,
+        tokenizer,
+        chat: ChatFormat,
+        image_token_id: int,
+        tokens_per_frame: int,
+        max_seq_len: int = 4096,
+    ):
         self.tok = tokenizer
         self.chat = chat
         self.image_token_id = image_token_id
@@ -76,8 +82,9 @@ class SequenceBuilder:
         """Token ids of one text turn, the length of its unlabelled role prefix, and the length
         of its body (content + end token: what carries LM targets)."""
         c = self.chat
-        prefix = self.ids({"user": c.user, "assistant": c.assistant, "dst": c.dst,
-                           "system": c.system}[kind])
+        prefix = self.ids(
+            {"user": c.user, "assistant": c.assistant, "dst": c.dst, "system": c.system}[kind]
+        )
         body = self.ids(text) + self.ids(c.end)
         return prefix + body + self.ids(c.sep), len(prefix), len(body)
 
@@ -105,9 +112,11 @@ class SequenceBuilder:
                 samples.append(cur)
                 cur = self._start(labels, instruction, tree, state, len(samples))
                 if len(cur) + len(ids) > self.max_seq_len:
-                    raise ValueError(f"{clip.source}: a {seg.kind} turn of {len(ids)} tokens does "
-                                     f"not fit max_seq_len={self.max_seq_len} after the system "
-                                     "prompt; raise data.max_seq_len")
+                    raise ValueError(
+                        f"{clip.source}: a {seg.kind} turn of {len(ids)} tokens does "
+                        f"not fit max_seq_len={self.max_seq_len} after the system "
+                        "prompt; raise data.max_seq_len"
+                    )
             kind = {"assistant": RESPONSE, "dst": DST}.get(seg.kind, 0)
             self._add_text(cur, ids, n_prefix, n_body, kind)
             if seg.kind == "dst" and state is not None:
@@ -118,12 +127,19 @@ class SequenceBuilder:
     def _start(self, labels, instruction, tree, state, index) -> Sample:
         ids = self.system_ids(instruction, tree, state)
         if len(ids) + self.k > self.max_seq_len:
-            raise ValueError(f"{labels.clip.source}: the system prompt alone is {len(ids)} tokens, "
-                             f"over max_seq_len={self.max_seq_len}")
+            raise ValueError(
+                f"{labels.clip.source}: the system prompt alone is {len(ids)} tokens, "
+                f"over max_seq_len={self.max_seq_len}"
+            )
         clip = labels.clip
-        return Sample(input_ids=list(ids), targets=[IGNORE] * len(ids), target_kind=[0] * len(ids),
-                      frames_file=clip.frames_file, video_uid=clip.video_uid,
-                      source=f"{clip.source}#{index}")
+        return Sample(
+            input_ids=list(ids),
+            targets=[IGNORE] * len(ids),
+            target_kind=[0] * len(ids),
+            frames_file=clip.frames_file,
+            video_uid=clip.video_uid,
+            source=f"{clip.source}#{index}",
+        )
 
     def _add_frame(self, s: Sample, labels: ClipLabels, frame: int) -> None:
         s.input_ids += [self.image_token_id] * self.k

@@ -54,15 +54,20 @@ class Backbone(Protocol):
     tokens_per_frame: int
 
     def frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) pixels → (N, P, Dv) pooled vision features (what the feature cache holds)."""
+        """(N, 3, S, S) pixels → (N, P, Dv) pooled vision features (what the cache holds)."""
 
     def project_frames(self, features: torch.Tensor) -> torch.Tensor:
         """(N, P, Dv) pooled features → (N, k, H) LM input embeddings."""
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
-    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               past_key_values=None, use_cache: bool = False):
+    def decode(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+    ):
         """LM trunk: (B, T, H) embeddings → ((B, T, H) last hidden states, cache)."""
 
     @property
@@ -104,11 +109,21 @@ class SmolVLMBackbone(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.hf.model.text_model.get_input_embeddings()(input_ids)
 
-    def decode(self, inputs_embeds, attention_mask=None, past_key_values=None, use_cache=False,
-               position_ids=None):
-        out = self.hf.model.text_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                       past_key_values=past_key_values, use_cache=use_cache,
-                                       position_ids=position_ids)
+    def decode(
+        self,
+        inputs_embeds,
+        attention_mask=None,
+        past_key_values=None,
+        use_cache=False,
+        position_ids=None,
+    ):
+        out = self.hf.model.text_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_ids=position_ids,
+        )
         return out.last_hidden_state, out.past_key_values
 
     @property
@@ -116,8 +131,12 @@ class SmolVLMBackbone(nn.Module):
         return self.hf.lm_head
 
     def module_groups(self) -> dict[str, nn.Module]:
-        return {"vision": self.hf.model.vision_model, "connector": self.hf.model.connector,
-                "lm": self.hf.model.text_model, "lm_head": self.hf.lm_head}
+        return {
+            "vision": self.hf.model.vision_model,
+            "connector": self.hf.model.connector,
+            "lm": self.hf.model.text_model,
+            "lm_head": self.hf.lm_head,
+        }
 
 
 def check_tokens_per_frame(k: int, grid: int, scale: int) -> int:
@@ -127,8 +146,10 @@ def check_tokens_per_frame(k: int, grid: int, scale: int) -> int:
         raise ValueError(f"tokens_per_frame must be a perfect square (1, 4, 9, ...), got {k}")
     pooled = side * scale
     if pooled > grid:
-        raise ValueError(f"tokens_per_frame={k} needs a {pooled}x{pooled} patch grid but the vision "
-                         f"encoder gives {grid}x{grid}: at most {(grid // scale) ** 2} tokens")
+        raise ValueError(
+            f"tokens_per_frame={k} needs a {pooled}x{pooled} patch grid but the vision "
+            f"encoder gives {grid}x{grid}: at most {(grid // scale) ** 2} tokens"
+        )
     return pooled
 
 
@@ -163,8 +184,9 @@ def has_weights(path: str) -> bool:
     return p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin")))
 
 
-def load_hf_model(arch: str, pretrained: bool, dtype: torch.dtype, attention: str,
-                  quantization_config=None):
+def load_hf_model(
+    arch: str, pretrained: bool, dtype: torch.dtype, attention: str, quantization_config=None
+):
     """transformers model: real weights (folder or hub id) when ``pretrained``, else random init
     from the architecture (a name, or a folder's config.json)."""
     from transformers import SmolVLMForConditionalGeneration
@@ -175,11 +197,34 @@ def load_hf_model(arch: str, pretrained: bool, dtype: torch.dtype, attention: st
         elif arch != "tiny" and Path(arch).exists() and not has_weights(arch):
             raise FileNotFoundError(f"{arch}: no weights (*.safetensors) in this model folder")
         return SmolVLMForConditionalGeneration.from_pretrained(
-            arch, dtype=dtype, attn_implementation=attention,
-            quantization_config=quantization_config)
+            arch,
+            dtype=dtype,
+            attn_implementation=attention,
+            quantization_config=quantization_config,
+        )
     config = arch_config(arch)
     config._attn_implementation = attention
     config.text_config._attn_implementation = attention
     config.vision_config._attn_implementation = attention
     model = SmolVLMForConditionalGeneration(config)
     return model.to(dtype)
+
+
+def model_source(arch: str) -> str:
+    """Where tokenizer/processor files live: the folder, or the hub id of a named arch."""
+    return ARCHS[arch][1] if arch in ARCHS else arch
+
+
+def load_tokenizer(arch: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_source(arch))
+
+
+def load_image_processor(arch: str):
+    """The PIL image processor (the default fast one needs torchvision), one image per frame."""
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    proc = SmolVLMImageProcessorPil.from_pretrained(model_source(arch))
+    proc.do_image_splitting = False
+    return proc

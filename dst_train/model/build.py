@@ -32,8 +32,9 @@ def resolve_precision(mcfg: ModelConfig, capability: tuple[int, int] | None = _D
     """dtype and attention for ``capability`` (None = CPU; default: the current device)."""
     if capability == _DETECT:
         capability = device_capability()
-    return Precision(*select_precision(capability, mcfg.dtype, mcfg.attention,
-                                       cpu_dtype=mcfg.cpu_dtype))
+    return Precision(
+        *select_precision(capability, mcfg.dtype, mcfg.attention, cpu_dtype=mcfg.cpu_dtype)
+    )
 
 
 def build_model(mcfg: ModelConfig, heads: HeadConfig, precision: Precision) -> DSTModel:
@@ -42,15 +43,21 @@ def build_model(mcfg: ModelConfig, heads: HeadConfig, precision: Precision) -> D
     quant = None
     if mcfg.qlora:
         quant = qlora_config(precision.torch_dtype)
-    hf = load_hf_model(mcfg.arch, mcfg.pretrained, precision.torch_dtype, precision.attention,
-                       quantization_config=quant)
+    hf = load_hf_model(
+        mcfg.arch,
+        mcfg.pretrained,
+        precision.torch_dtype,
+        precision.attention,
+        quantization_config=quant,
+    )
     model = DSTModel(SmolVLMBackbone(hf, heads.tokens_per_frame), heads).to(precision.torch_dtype)
     set_trainable(model, mcfg)
     if mcfg.lora:
         add_lora(model, mcfg)
     if mcfg.gradient_checkpointing:
         hf.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": mcfg.gradient_checkpointing_reentrant})
+            gradient_checkpointing_kwargs={"use_reentrant": mcfg.gradient_checkpointing_reentrant}
+        )
         if mcfg.gradient_checkpointing_reentrant:
             hf.enable_input_require_grads()  # reentrant checkpoints need an input that has grad
     return model
@@ -58,21 +65,30 @@ def build_model(mcfg: ModelConfig, heads: HeadConfig, precision: Precision) -> D
 
 def qlora_config(compute_dtype: torch.dtype):
     if not torch.cuda.is_available():
-        raise ValueError("model.qlora needs a CUDA GPU: bitsandbytes 4-bit weights do not run on "
-                         "the CPU. Use model.lora=true without qlora, or run on a GPU.")
+        raise ValueError(
+            "model.qlora needs a CUDA GPU: bitsandbytes 4-bit weights do not run on "
+            "the CPU. Use model.lora=true without qlora, or run on a GPU."
+        )
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_use_double_quant=True,
-                              llm_int8_skip_modules=["vision_model", "connector", "lm_head"])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=["vision_model", "connector", "lm_head"],
+    )
 
 
 def set_trainable(model: DSTModel, mcfg: ModelConfig) -> None:
     """Heads always train; vision/connector/LM follow the freeze flags (LoRA freezes the LM)."""
     groups = model.backbone.module_groups()
-    frozen = {"vision": mcfg.freeze_vision, "connector": mcfg.freeze_connector,
-              "lm": mcfg.freeze_lm or mcfg.lora, "lm_head": mcfg.freeze_lm or mcfg.lora}
+    frozen = {
+        "vision": mcfg.freeze_vision,
+        "connector": mcfg.freeze_connector,
+        "lm": mcfg.freeze_lm or mcfg.lora,
+        "lm_head": mcfg.freeze_lm or mcfg.lora,
+    }
     for name, module in groups.items():
         module.requires_grad_(not frozen[name])
     for head in (model.speak_head, model.update_head):
@@ -87,10 +103,16 @@ def add_lora(model: DSTModel, mcfg: ModelConfig) -> None:
     if mcfg.qlora:
         from peft import prepare_model_for_kbit_training
 
-        prepare_model_for_kbit_training(hf.model.text_model,
-                                        use_gradient_checkpointing=mcfg.gradient_checkpointing)
-    config = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
-                        target_modules=list(mcfg.lora_targets), bias="none")
+        prepare_model_for_kbit_training(
+            hf.model.text_model, use_gradient_checkpointing=mcfg.gradient_checkpointing
+        )
+    config = LoraConfig(
+        r=mcfg.lora_r,
+        lora_alpha=mcfg.lora_alpha,
+        lora_dropout=mcfg.lora_dropout,
+        target_modules=list(mcfg.lora_targets),
+        bias="none",
+    )
     hf.model.text_model = get_peft_model(hf.model.text_model, config)
 
 

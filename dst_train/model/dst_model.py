@@ -74,9 +74,20 @@ class DSTModel(nn.Module):
         return embeds.masked_scatter(slots[..., None], flat)
 
     # ------------------------------------------------------------- forward
-    def forward(self, input_ids, attention_mask, decision_index, speak, update, targets,
-                target_kind, speak_weight=None, update_weight=None, pixel_values=None,
-                frame_features=None) -> dict:
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        decision_index,
+        speak,
+        update,
+        targets,
+        target_kind,
+        speak_weight=None,
+        update_weight=None,
+        pixel_values=None,
+        frame_features=None,
+    ) -> dict:
         """All four losses (fp32) and the decision logits. See data/collate.py for shapes."""
         frames = self.frame_embeddings(pixel_values, frame_features)
         hidden, _ = self.backbone.decode(self.embed(input_ids, frames), attention_mask)
@@ -88,22 +99,28 @@ class DSTModel(nn.Module):
         out = {
             "speak_loss": binary_focal_loss(speak_logits, speak, alpha, gamma, speak_weight),
             "update_loss": binary_focal_loss(update_logits, update, alpha, gamma, update_weight),
-            "speak_logits": speak_logits, "update_logits": update_logits,
+            "speak_logits": speak_logits,
+            "update_logits": update_logits,
         }
         for name, kind in (("response_loss", RESPONSE), ("dst_loss", DST)):
             where = target_kind == kind  # only labelled positions reach the LM head
             logits = self.backbone.lm_head(hidden[where])  # (N_kind, V)
             out[name] = token_loss(logits, targets[where], c.text_focal_gamma)
-        out["loss"] = (c.speak_weight * out["speak_loss"] + c.update_weight * out["update_loss"]
-                       + c.response_weight * out["response_loss"] + c.dst_weight * out["dst_loss"])
+        out["loss"] = (
+            c.speak_weight * out["speak_loss"]
+            + c.update_weight * out["update_loss"]
+            + c.response_weight * out["response_loss"]
+            + c.dst_weight * out["dst_loss"]
+        )
         return out
 
     # --------------------------------------------------------------- saving
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
-    def save_heads(self, folder: str | Path, state_dict: dict | None = None,
-                   dtype: torch.dtype | None = None) -> None:
+    def save_heads(
+        self, folder: str | Path, state_dict: dict | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         from safetensors.torch import save_file
 
         sd = state_dict if state_dict is not None else self.heads_state_dict()
@@ -112,8 +129,9 @@ class DSTModel(nn.Module):
         (Path(folder) / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
-                        attention: str = "sdpa") -> DSTModel:
+    def from_pretrained(
+        cls, folder: str | Path, dtype: torch.dtype = torch.float32, attention: str = "sdpa"
+    ) -> DSTModel:
         """Backbone with plain transformers, then our heads from ``dst_heads.safetensors``."""
         from safetensors.torch import load_file
 
@@ -126,8 +144,9 @@ class DSTModel(nn.Module):
         cfg = HeadConfig(**json.loads((folder / CONFIG_FILE).read_text()))
         hf = load_hf_model(str(folder), pretrained=True, dtype=dtype, attention=attention)
         model = cls(SmolVLMBackbone(hf, cfg.tokens_per_frame), cfg)
-        missing, unexpected = model.load_state_dict(load_file(str(folder / HEADS_FILE)),
-                                                    strict=False)
+        missing, unexpected = model.load_state_dict(
+            load_file(str(folder / HEADS_FILE)), strict=False
+        )
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:
             raise ValueError(f"{folder / HEADS_FILE}: missing {missing}, unexpected {unexpected}")

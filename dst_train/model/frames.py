@@ -60,8 +60,9 @@ def pixels(processor, images: list) -> torch.Tensor:
 
 def cache_key(arch_config: dict, tokens_per_frame: int, image_size: int) -> str:
     """Features depend on the vision weights' architecture, k and the input size."""
-    blob = json.dumps({"vision": arch_config, "k": tokens_per_frame, "size": image_size},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"vision": arch_config, "k": tokens_per_frame, "size": image_size}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -74,12 +75,16 @@ class FeatureCache:
         self.dir = Path(cache_dir)
         info_path = self.dir / "cache.json"
         if not info_path.is_file():
-            raise DataFormatError(f"{self.dir}: not a feature cache (no cache.json); build one with "
-                                  "`dst-train cache-features`")
+            raise DataFormatError(
+                f"{self.dir}: not a feature cache (no cache.json); build one with "
+                "`dst-train cache-features`"
+            )
         self.info = json.loads(info_path.read_text())
         if expect_key is not None and self.info["key"] != expect_key:
-            raise DataFormatError(f"{self.dir}: feature cache was built for another model or "
-                                  f"tokens_per_frame (key {self.info['key']} != {expect_key})")
+            raise DataFormatError(
+                f"{self.dir}: feature cache was built for another model or "
+                f"tokens_per_frame (key {self.info['key']} != {expect_key})"
+            )
         self._Dataset = Dataset
         self._files: dict[str, object] = {}
 
@@ -94,8 +99,9 @@ class FeatureCache:
         parts = []
         for a, b in _runs(frames):
             if b > ds.num_rows:
-                raise DataFormatError(f"{self.dir / frames_file}.arrow: frames [{a}, {b}) past its "
-                                      f"{ds.num_rows} rows")
+                raise DataFormatError(
+                    f"{self.dir / frames_file}.arrow: frames [{a}, {b}) past its {ds.num_rows} rows"
+                )
             parts.append(np.asarray(ds[a:b]["features"], dtype=np.float16))
         if not parts:
             shape = self.info["shape"]
@@ -104,9 +110,16 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def build_feature_cache(backbone, root: str | Path, frames_files: list[str], out: str | Path,
-                        image_processor, key: str, batch_size: int = 64,
-                        device: str | torch.device = "cpu") -> Path:
+def build_feature_cache(
+    backbone,
+    root: str | Path,
+    frames_files: list[str],
+    out: str | Path,
+    image_processor,
+    key: str,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> Path:
     """Run the vision tower + pooling over every frame of ``frames_files`` into ``out``."""
     from datasets.arrow_writer import ArrowWriter
     from datasets.features import Array2D, Features
@@ -135,3 +148,31 @@ def build_feature_cache(backbone, root: str | Path, frames_files: list[str], out
             tmp.replace(path)  # a crash mid-file never leaves a truncated cache file
     (out / "cache.json").write_text(json.dumps({"key": key, "shape": list(shape or ())}))
     return out
+
+
+def backbone_cache_key(backbone, image_size: int) -> str:
+    return cache_key(
+        backbone.hf.config.vision_config.to_dict(), backbone.tokens_per_frame, image_size
+    )
+
+
+def cache_dataset_features(cfg, out: str | Path, batch_size: int = 64) -> Path:
+    """Build the model of run config ``cfg`` and cache the features of every frames file its
+    dataset uses (all prepared files under ``cfg.data.root``)."""
+    from dst_train.data.dataset import DatasetPaths
+    from dst_train.data.proassist import read_prepared
+    from dst_train.model.backbone import load_image_processor
+    from dst_train.model.build import build_model, resolve_precision
+
+    if not cfg.model.freeze_vision:
+        raise ValueError("a feature cache needs a frozen vision tower (model.freeze_vision=true)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg.model, cfg.head_config(), resolve_precision(cfg.model)).to(device)
+    model.eval()
+    processor = load_image_processor(cfg.model.arch)
+    paths = DatasetPaths.from_root(cfg.data.root)
+    files = [c.frames_file for p in paths.prepared for c in read_prepared(p)]
+    key = backbone_cache_key(model.backbone, processor.max_image_size["longest_edge"])
+    return build_feature_cache(
+        model.backbone, cfg.data.root, files, out, processor, key, batch_size, device
+    )

@@ -11,8 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
-def binary_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float | None = 0.25,
-                      gamma: float = 2.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+def binary_focal_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean focal loss over the positions with ``weight > 0``.
 
     logits, targets, weight: (N,). Targets are 0/1. Returns a 0-dim fp32 tensor; with no position

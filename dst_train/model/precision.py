@@ -18,9 +18,13 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def select_precision(capability: tuple[int, int] | None, dtype: str = "auto",
-                     attention: str = "auto", flash_installed: bool | None = None,
-                     cpu_dtype: str = "fp32") -> tuple[str, str]:
+def select_precision(
+    capability: tuple[int, int] | None,
+    dtype: str = "auto",
+    attention: str = "auto",
+    flash_installed: bool | None = None,
+    cpu_dtype: str = "fp32",
+) -> tuple[str, str]:
     """Resolve ``(dtype, attn_implementation)`` for a device.
 
     ``capability`` is the CUDA compute capability, or None for the CPU. An explicit ``dtype`` or
@@ -35,16 +39,22 @@ def select_precision(capability: tuple[int, int] | None, dtype: str = "auto",
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto|fp16|bf16|fp32, got {dtype!r}")
     if capability is not None and capability < (8, 0) and dtype == "bf16":
-        raise ValueError(f"bf16 needs compute capability >= 8.0; this GPU is "
-                         f"{capability[0]}.{capability[1]}: use fp16")
+        raise ValueError(
+            f"bf16 needs compute capability >= 8.0; this GPU is "
+            f"{capability[0]}.{capability[1]}: use fp16"
+        )
     if capability is None and dtype == "fp16":
         raise ValueError("fp16 is not supported on CPU by DeepSpeed: use bf16 or fp32")
     if attention == "auto":
         ok_flash = capability is not None and capability >= (8, 0) and flash
         attention = "flash_attention_2" if ok_flash and dtype != "fp32" else "sdpa"
-    if attention == "flash_attention_2" and (capability is None or capability < (8, 0) or not flash):
-        raise ValueError("flash_attention_2 needs a GPU of compute capability >= 8.0 and the "
-                         "flash-attn package; use sdpa")
+    if attention == "flash_attention_2" and (
+        capability is None or capability < (8, 0) or not flash
+    ):
+        raise ValueError(
+            "flash_attention_2 needs a GPU of compute capability >= 8.0 and the "
+            "flash-attn package; use sdpa"
+        )
     if attention not in ("sdpa", "eager", "flash_attention_2"):
         raise ValueError(f"attention must be auto|sdpa|eager|flash_attention_2, got {attention!r}")
     return dtype, attention

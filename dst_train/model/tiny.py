@@ -22,15 +22,33 @@ def tiny_config(vocab_size: int = TINY_VOCAB, image_token_id: int = 3):
     from transformers import SmolVLMConfig
 
     return SmolVLMConfig(
-        image_token_id=image_token_id, scale_factor=2, tie_word_embeddings=False,
-        text_config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "vocab_size": vocab_size, "max_position_embeddings": 8192,
-                     "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "pad_token_id": 0,
-                     "bos_token_id": 1, "eos_token_id": 2},
-        vision_config={"model_type": "smolvlm_vision", "hidden_size": 32, "intermediate_size": 64,
-                       "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": TINY_IMAGE_SIZE, "patch_size": 8},
+        image_token_id=image_token_id,
+        scale_factor=2,
+        tie_word_embeddings=False,
+        text_config={
+            "model_type": "llama",
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+        vision_config={
+            "model_type": "smolvlm_vision",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": TINY_IMAGE_SIZE,
+            "patch_size": 8,
+        },
     )
 
 
@@ -45,12 +63,20 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=chat.pad, bos_token=chat.bos,
-                                   eos_token=chat.end, additional_special_tokens=[chat.image])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=chat.pad,
+        bos_token=chat.bos,
+        eos_token=chat.end,
+        additional_special_tokens=[chat.image],
+    )
 
 
 def image_processor(size: int = TINY_IMAGE_SIZE):
@@ -58,8 +84,9 @@ def image_processor(size: int = TINY_IMAGE_SIZE):
     one frame → one ``size``×``size`` image."""
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-    return SmolVLMImageProcessorPil(do_image_splitting=False, size={"longest_edge": size},
-                                    max_image_size={"longest_edge": size})
+    return SmolVLMImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": size}, max_image_size={"longest_edge": size}
+    )
 
 
 def make_tiny_model(out: str | Path, corpus: Iterable[str], seed: int = 0) -> Path:
