@@ -20,3 +20,18 @@ def write_tsv(path, rows, header="type\tid\tstart_ts\tend_ts\tname"):
     lines = [header] + ["\t".join("" if c is None else str(c) for c in r) for r in rows]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(demo_root, tmp_path_factory):
+    """A tiny random SmolVLM folder (tokenizer trained on the demo texts), made once."""
+    from dst_train.model.tiny import demo_corpus, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"), demo_corpus(demo_root), seed=0)
+
+
+def tiny_run_config(demo_root, tiny_model_dir, *overrides):
+    """A RunConfig for the tiny model on the demo data, with ``key=value`` overrides."""
+    from dst_train.config import load_config
+
+    return load_config(None, [f"data.root={demo_root}", f"model.arch={tiny_model_dir}", *overrides])

@@ -36,3 +36,12 @@ def test_data_pipeline_smoke(tmp_path):
     mem = result["memory"]
     assert mem["long_video_frames"] > mem["short_video_frames"]
     assert 0.5 < mem["long_over_short"] < 2.0  # memory follows the window, not the video
+
+
+def test_loss_memory_smoke(tmp_path):
+    _run("loss_memory.py", tmp_path)
+    result = json.loads((tmp_path / "loss_memory_smoke.json").read_text())
+    modes = {(r["device"], r["mode"]) for r in result["rows"]}
+    assert {("cpu", "selective"), ("cpu", "full")} <= modes
+    ratio = result["ratios"][0]
+    assert ratio["device"] == "cpu" and ratio["full_over_selective_memory"] > 0

@@ -94,7 +94,33 @@ class SequenceBuilder:
         instruction = next((t.content for t in clip.conversation if t.role == "system"), "")
         state = dict(labels.initial_state) if labels.initial_state is not None else None
         samples: list[Sample] = []
-        cur = self._start(labels, instruction, tree, state, len(samples))
+        cur = self._start(labels, instruction, tree, state, 0)
+        for frame, turns in self._units(labels):
+            size = (self.k if frame is not None else 0) + sum(len(t[1]) for t in turns)
+            if len(cur) + size > self.max_seq_len and cur.frames:
+                samples.append(cur)
+                cur = self._start(labels, instruction, tree, state, len(samples))
+            if len(cur) + size > self.max_seq_len:
+                raise ValueError(
+                    f"{clip.source}: frame {frame} and the turns after it need {size} "
+                    f"tokens, which does not fit max_seq_len={self.max_seq_len} "
+                    "after the system prompt; raise data.max_seq_len"
+                )
+            if frame is not None:
+                self._add_frame(cur, labels, frame)
+            for seg, ids, n_prefix, n_body in turns:
+                self._add_text(
+                    cur, ids, n_prefix, n_body, {"assistant": RESPONSE, "dst": DST}.get(seg.kind, 0)
+                )
+                if seg.kind == "dst" and state is not None:
+                    state.update(parse_transitions(seg.text))
+        samples.append(cur)
+        return [s for s in samples if s.frames]  # a chunk without frames has no decisions
+
+    def _units(self, labels: ClipLabels):
+        """Atomic pieces that are never split: a frame with the turns that react to it (its DST
+        update, the reply, a user turn), or turns before the first frame (frame None)."""
+        frame, turns = None, []
         seen_system = False
         for seg in labels.segments:
             if seg.kind == "system" and not seen_system:
@@ -102,27 +128,13 @@ class SequenceBuilder:
                 continue
             if seg.kind == "frames":
                 for f in range(seg.start, seg.end):
-                    if len(cur) + self.k > self.max_seq_len:
-                        samples.append(cur)
-                        cur = self._start(labels, instruction, tree, state, len(samples))
-                    self._add_frame(cur, labels, f)
+                    if frame is not None or turns:
+                        yield frame, turns
+                    frame, turns = f, []
                 continue
-            ids, n_prefix, n_body = self.turn_ids(seg.kind, seg.text)
-            if len(cur) + len(ids) > self.max_seq_len:
-                samples.append(cur)
-                cur = self._start(labels, instruction, tree, state, len(samples))
-                if len(cur) + len(ids) > self.max_seq_len:
-                    raise ValueError(
-                        f"{clip.source}: a {seg.kind} turn of {len(ids)} tokens does "
-                        f"not fit max_seq_len={self.max_seq_len} after the system "
-                        "prompt; raise data.max_seq_len"
-                    )
-            kind = {"assistant": RESPONSE, "dst": DST}.get(seg.kind, 0)
-            self._add_text(cur, ids, n_prefix, n_body, kind)
-            if seg.kind == "dst" and state is not None:
-                state.update(parse_transitions(seg.text))
-        samples.append(cur)
-        return [s for s in samples if s.frames]  # a chunk without frames has no decisions
+            turns.append((seg, *self.turn_ids(seg.kind, seg.text)))
+        if frame is not None or turns:
+            yield frame, turns
 
     def _start(self, labels, instruction, tree, state, index) -> Sample:
         ids = self.system_ids(instruction, tree, state)

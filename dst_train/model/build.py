@@ -55,12 +55,19 @@ def build_model(mcfg: ModelConfig, heads: HeadConfig, precision: Precision) -> D
     if mcfg.lora:
         add_lora(model, mcfg)
     if mcfg.gradient_checkpointing:
-        hf.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": mcfg.gradient_checkpointing_reentrant}
-        )
-        if mcfg.gradient_checkpointing_reentrant:
-            hf.enable_input_require_grads()  # reentrant checkpoints need an input that has grad
+        enable_checkpointing(hf, mcfg.gradient_checkpointing_reentrant)
     return model
+
+
+def enable_checkpointing(hf, reentrant: bool) -> None:
+    """Recompute LM/vision layer activations in backward (transformers' checkpointing)."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant:
+        hf.enable_input_require_grads()  # reentrant checkpoints need an input that has grad
 
 
 def qlora_config(compute_dtype: torch.dtype):

@@ -125,6 +125,7 @@ def build_feature_cache(
     from datasets.features import Array2D, Features
 
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     source = FramePixels(root, image_processor)
     shape = None
     for frames_file in tqdm(sorted(set(frames_files)), desc="caching features", unit="video"):

@@ -1,0 +1,191 @@
+import pytest
+import torch
+
+from dst_train.config import ModelConfig
+from dst_train.data.collate import make_collate
+from dst_train.data.pipeline import make_dataset
+from dst_train.model.backbone import (
+    check_tokens_per_frame,
+    load_image_processor,
+    load_tokenizer,
+    pool_patches,
+)
+from dst_train.model.build import Precision, build_model, parameter_counts, resolve_precision
+from dst_train.model.dst_model import DSTModel
+from dst_train.model.frames import backbone_cache_key, build_feature_cache
+from dst_train.model.info import model_info
+from tests.conftest import tiny_run_config
+
+FP32 = Precision("fp32", "sdpa")
+
+
+def _setup(demo_root, tiny_model_dir, *overrides, n=2):
+    cfg = tiny_run_config(demo_root, tiny_model_dir, *overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.head_config(), FP32)
+    tok = load_tokenizer(cfg.model.arch)
+    proc = load_image_processor(cfg.model.arch)
+    ds = make_dataset(cfg, "train", tok, model.backbone, proc)
+    ds.samples = ds.samples[:n]
+    batch = make_collate(tok.pad_token_id, bool(cfg.data.feature_cache))([ds[i] for i in range(n)])
+    return cfg, model, batch
+
+
+def test_forward_returns_every_loss_and_grads_reach_the_heads(demo_root, tiny_model_dir):
+    _, model, batch = _setup(demo_root, tiny_model_dir)
+    out = model(**batch)
+    for name in ("speak_loss", "update_loss", "response_loss", "dst_loss"):
+        assert out[name].dtype == torch.float32 and out[name].item() > 0
+    assert out["loss"].item() == pytest.approx(
+        sum(out[k].item() for k in ("speak_loss", "update_loss", "response_loss", "dst_loss")),
+        rel=1e-6,
+    )
+    assert out["speak_logits"].shape == batch["speak"].shape
+    out["loss"].backward()
+    for head in (model.speak_head, model.update_head):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    conn = model.backbone.hf.model.connector
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conn.parameters())
+    assert all(p.grad is None for p in model.backbone.hf.model.vision_model.parameters())
+
+
+def test_loss_weights_and_bce_option(demo_root, tiny_model_dir):
+    _, model, batch = _setup(
+        demo_root, tiny_model_dir, "loss.dst_weight=0", "loss.decision_loss=bce"
+    )
+    out = model(**batch)
+    assert out["loss"].item() == pytest.approx(
+        out["speak_loss"].item() + out["update_loss"].item() + out["response_loss"].item(), rel=1e-6
+    )
+    # heads start at the 5 % prior, so plain BCE on mostly-negative frames starts small
+    assert out["speak_loss"].item() < 0.5
+
+
+def _trainable(model):
+    return {g: c["trainable"] for g, c in parameter_counts(model).items()}
+
+
+def test_freeze_and_lora_change_exactly_the_trainable_parts(tiny_model_dir):
+    def build(**kw):
+        return build_model(ModelConfig(arch=str(tiny_model_dir), **kw), tiny_head(), FP32)
+
+    counts = parameter_counts(build())
+    t = _trainable(build())  # default: vision frozen, everything else trains
+    assert t["vision"] == 0 and t["connector"] == counts["connector"]["total"]
+    assert t["lm"] == counts["lm"]["total"] and t["heads"] == counts["heads"]["total"]
+    t = _trainable(build(freeze_vision=False, freeze_connector=True, freeze_lm=True))
+    assert t["vision"] == counts["vision"]["total"] and t["connector"] == 0
+    assert t["lm"] == 0 and t["lm_head"] == 0 and t["heads"] > 0
+    model = build(lora=True, lora_r=4)
+    t = _trainable(model)
+    assert t["lm"] == 0 and t["lm_head"] == 0 and t["vision"] == 0
+    assert t["lora"] > 0 and t["connector"] == counts["connector"]["total"] and t["heads"] > 0
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "connector" in n or "_head." in n for n in names)
+
+
+def tiny_head():
+    from dst_train.model.dst_model import HeadConfig
+
+    return HeadConfig()
+
+
+def test_qlora_on_cpu_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(ValueError, match="qlora needs a CUDA GPU"):
+        build_model(ModelConfig(arch=str(tiny_model_dir), lora=True, qlora=True), tiny_head(), FP32)
+
+
+def test_gradient_checkpointing_gives_the_same_loss(demo_root, tiny_model_dir):
+    _, plain, batch = _setup(demo_root, tiny_model_dir)
+    _, ckpt, _ = _setup(
+        demo_root,
+        tiny_model_dir,
+        "model.gradient_checkpointing=true",
+        "model.gradient_checkpointing_reentrant=true",
+    )
+    ckpt.train()
+    a, b = plain(**batch)["loss"], ckpt(**batch)["loss"]
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    b.backward()
+    assert ckpt.backbone.hf.model.text_model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_cached_features_equal_the_online_path(demo_root, tiny_model_dir, tmp_path):
+    cfg, model, batch = _setup(demo_root, tiny_model_dir, "model.tokens_per_frame=1")
+    proc = load_image_processor(cfg.model.arch)
+    files = [
+        s.frames_file
+        for s in make_dataset(
+            cfg, "train", load_tokenizer(cfg.model.arch), model.backbone, proc
+        ).samples[:2]
+    ]
+    key = backbone_cache_key(model.backbone, 32)
+    build_feature_cache(
+        model.backbone, demo_root, files, tmp_path / "cache", proc, key, batch_size=16
+    )
+    _, _, cached = _setup(demo_root, tiny_model_dir, f"data.feature_cache={tmp_path / 'cache'}")
+    assert "pixel_values" not in cached and cached["frame_features"].dtype == torch.float16
+    online = model(**batch)
+    vision = model.backbone.hf.model.vision_model
+    calls = []
+    handle = vision.register_forward_hook(lambda *a: calls.append(1))
+    offline = model(**cached)
+    handle.remove()
+    assert calls == []  # the vision tower never ran
+    for k in ("speak_logits", "update_logits"):
+        torch.testing.assert_close(online[k], offline[k], rtol=1e-3, atol=1e-3)
+    for k in ("loss", "response_loss", "dst_loss"):
+        assert online[k].item() == pytest.approx(offline[k].item(), rel=1e-3)
+
+
+def test_cache_built_for_another_model_is_refused(demo_root, tiny_model_dir, tmp_path):
+    cfg, model, _ = _setup(demo_root, tiny_model_dir)
+    proc = load_image_processor(cfg.model.arch)
+    build_feature_cache(model.backbone, demo_root, [], tmp_path / "c", proc, "other-key")
+    with pytest.raises(Exception, match="built for another model"):
+        _setup(demo_root, tiny_model_dir, f"data.feature_cache={tmp_path / 'c'}")
+
+
+def test_tokens_per_frame_pooling():
+    x = torch.arange(2 * 16 * 3, dtype=torch.float32).view(2, 16, 3)
+    assert torch.equal(pool_patches(x, 4, 4), x)
+    pooled = pool_patches(x, 4, 2)
+    assert pooled.shape == (2, 4, 3)
+    assert torch.allclose(pooled[0, 0], x[0, [0, 1, 4, 5]].mean(0))
+    assert check_tokens_per_frame(9, 27, 3) == 9
+    with pytest.raises(ValueError, match="perfect square"):
+        check_tokens_per_frame(2, 27, 3)
+    with pytest.raises(ValueError, match="at most 81 tokens"):
+        check_tokens_per_frame(100, 27, 3)
+
+
+def test_save_and_load_roundtrip(demo_root, tiny_model_dir, tmp_path):
+    _, model, batch = _setup(demo_root, tiny_model_dir)
+    with torch.no_grad():
+        model.speak_head.net[-1].bias.fill_(0.3)
+    model.backbone.hf.save_pretrained(tmp_path)
+    model.save_heads(tmp_path)
+    loaded = DSTModel.from_pretrained(tmp_path)
+    model.eval()
+    loaded.eval()
+    a, b = model(**batch), loaded(**batch)
+    for k in ("loss", "speak_logits", "update_logits"):
+        torch.testing.assert_close(a[k], b[k])
+    with pytest.raises(FileNotFoundError, match="not a dst-train model folder"):
+        DSTModel.from_pretrained(tiny_model_dir)
+
+
+def test_real_architectures_build_on_meta_with_the_right_size():
+    info = model_info(ModelConfig(arch="smolvlm2-2.2b"))
+    assert info["parameters"]["all"]["total"] == pytest.approx(2.25e9, rel=0.005)
+    assert info["native_tokens_per_image"] == 81 and info["lm_hidden"] == 2048
+    small = model_info(ModelConfig(arch="smolvlm2-256m", tokens_per_frame=4))
+    assert small["parameters"]["all"]["total"] == pytest.approx(0.256e9, rel=0.01)
+    assert small["native_tokens_per_image"] == 64
+    rows = {r["strategy"]: r["gpu_gib"] for r in info["memory"]}
+    assert rows["zero0"] > rows["zero2"] > rows["zero2+offload"] > rows["zero3+offload"]
+
+
+def test_precision_of_this_machine_is_cpu_safe():
+    assert resolve_precision(ModelConfig(), capability=None).dtype == "fp32"
+    assert resolve_precision(ModelConfig(), capability=(7, 5)).dtype == "fp16"

@@ -1,0 +1,121 @@
+import pytest
+
+from dst_train.data.collate import LengthGroupedSampler, SampleDataset, make_collate
+from dst_train.data.dataset import load_split
+from dst_train.data.dst_tree import load_dst_tsv, parse_transitions
+from dst_train.data.sequence import DST, IGNORE, RESPONSE, SequenceBuilder
+from dst_train.model.backbone import ChatFormat, load_image_processor, load_tokenizer
+from dst_train.model.frames import FramePixels
+
+IMG = 3  # the tiny tokenizer's <image> id
+
+
+@pytest.fixture(scope="module")
+def parts(demo_root, tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    labels = load_split(demo_root, "train")[0]
+    tree = load_dst_tsv(demo_root / "dst" / f"{labels.clip.video_uid}.tsv")
+    return tok, labels, tree
+
+
+def _builder(tok, k=1, max_len=100_000):
+    return SequenceBuilder(tok, ChatFormat(), IMG, k, max_len)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_layout_decisions_and_targets(parts, k):
+    tok, labels, tree = parts
+    (s,) = _builder(tok, k).build(labels, tree)
+    assert s.frames == list(range(labels.start, labels.start + labels.num_frames))
+    assert s.input_ids.count(IMG) == k * len(s.frames)
+    for p in s.decision_pos:  # last token of a frame: an image token followed by a non-frame-start
+        assert s.input_ids[p] == IMG and s.input_ids[p - k + 1 : p + 1] == [IMG] * k
+    assert s.speak == labels.speak and s.update == labels.update
+    # targets: the next token, only on response / DST bodies
+    for p, (t, kind) in enumerate(zip(s.targets, s.target_kind, strict=True)):
+        assert (t == IGNORE) == (kind == 0)
+        if kind:
+            assert t == s.input_ids[p + 1]
+    text = {RESPONSE: [], DST: []}
+    run, kind_now = [], 0
+    for p, kind in enumerate(s.target_kind + [0]):
+        if kind != kind_now and run:
+            text[kind_now].append(tok.decode(run))
+            run = []
+        if kind:
+            run.append(s.targets[p])
+        kind_now = kind
+    assert text[RESPONSE][0] == labels.responses[min(labels.responses)][0] + "<end_of_utterance>"
+    assert text[DST][0] == labels.dst_updates[min(labels.dst_updates)] + "<end_of_utterance>"
+    assert len(text[DST]) == sum(labels.update)
+
+
+def test_long_clip_splits_at_boundaries_with_refreshed_state(parts):
+    tok, labels, tree = parts
+    full = _builder(tok).build(labels, tree)[0]
+    head = len(_builder(tok).system_ids("", tree, labels.initial_state)) + 40
+    limit = head + (len(full) - head) // 3
+    chunks = _builder(tok, max_len=limit).build(labels, tree)
+    assert len(chunks) >= 3
+    assert all(len(c) <= limit for c in chunks)
+    assert [f for c in chunks for f in c.frames] == full.frames  # every frame exactly once
+    assert sum(len(c.decision_pos) for c in chunks) == len(full.decision_pos)
+    # each continuation starts with the system prompt showing the state reached so far
+    state = dict(labels.initial_state)
+    for chunk in chunks:
+        head = tok.decode(chunk.input_ids[: chunk.input_ids.index(IMG)])
+        assert head.startswith("<|im_start|>System: ")
+        assert tree.render_state(state) in head
+        for f in chunk.frames:
+            if f in labels.dst_updates:
+                state.update(parse_transitions(labels.dst_updates[f]))
+    # labelled turns survive whole: same number of response/DST tokens overall
+    for kind in (RESPONSE, DST):
+        assert sum(c.target_kind.count(kind) for c in chunks) == full.target_kind.count(kind)
+
+
+def test_turn_too_long_is_a_clear_error(parts):
+    tok, labels, tree = parts
+    with pytest.raises(ValueError, match="system prompt"):
+        _builder(tok, max_len=50).build(labels, tree)
+
+
+def test_collate_pads_and_orders_frames(parts, demo_root, tiny_model_dir):
+    tok, labels, tree = parts
+    samples = _builder(tok).build(labels, tree)
+    other = load_split(demo_root, "train")[1]
+    samples += _builder(tok).build(
+        other, load_dst_tsv(demo_root / "dst" / f"{other.clip.video_uid}.tsv")
+    )
+    ds = SampleDataset(
+        samples,
+        FramePixels(demo_root, load_image_processor(str(tiny_model_dir))),
+        features=False,
+        negative_frame_keep=0.1,
+        seed=1,
+    )
+    batch = make_collate(tok.pad_token_id, False)([ds[0], ds[1]])
+    n0, n1 = len(samples[0]), len(samples[1])
+    assert batch["input_ids"].shape == (2, max(n0, n1))
+    assert batch["attention_mask"].sum().item() == n0 + n1
+    d = len(samples[0].frames) + len(samples[1].frames)
+    assert batch["pixel_values"].shape == (d, 3, 32, 32)
+    assert batch["decision_index"][: len(samples[0].frames), 0].eq(0).all()
+    rows, pos = batch["decision_index"].T
+    assert batch["input_ids"][rows, pos].eq(IMG).all()
+    # negatives subsampled (~10 % kept), positives always kept
+    sw, sp = batch["speak_weight"], batch["speak"]
+    assert sw[sp == 1].eq(1).all() and 0 < sw[sp == 0].mean() < 0.3
+
+
+def test_length_grouped_sampler_splits_ranks_evenly_and_resumes():
+    lengths = [i * 7 % 23 for i in range(41)]
+    per_rank = [LengthGroupedSampler(lengths, 4, world_size=2, rank=r, seed=3) for r in (0, 1)]
+    b0, b1 = (list(s) for s in per_rank)
+    assert len(b0) == len(b1)
+    assert set(i for b in b0 + b1 for i in b) == set(range(41))
+    s = per_rank[0]
+    s.set_epoch(0, skip=2)
+    assert list(s) == b0[2:]
+    s.set_epoch(1)
+    assert list(s) != b0
