@@ -110,8 +110,40 @@ def _cache_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dst_train.config import ConfigError, load_config
+    from dst_train.engine.trainer import TrainingStopped, fit
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        fit(cfg)
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from dst_train.engine.convert import convert
+
+    report = convert(args.checkpoint, args.out, dtype=args.dtype, merge_lora=not args.keep_adapter)
+    print(
+        f"wrote {report['out']} ({report['dtype']}) in {report['seconds']:.1f} s, "
+        f"peak RAM {report['peak_ram_gib']:.2f} GiB"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dst-train", description=__doc__.splitlines()[0])
+    # the deepspeed launcher puts --local_rank before the subcommand (LOCAL_RANK is in the env too)
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-demo-data", help="write the synthetic demo dataset (real formats)")
@@ -172,6 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="frames per vision forward")
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=_cache_features)
+
+    p = sub.add_parser("train", help="train with DeepSpeed (launch with deepspeed/torchrun)")
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher"
+    )
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=10")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("convert", help="ZeRO checkpoint → Hugging Face model folder")
+    p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one step_* folder")
+    p.add_argument("out", help="model folder to write")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument(
+        "--keep-adapter",
+        action="store_true",
+        help="LoRA runs: save the adapter separately instead of merging it",
+    )
+    p.set_defaults(func=_convert)
     return parser
 
 

@@ -83,10 +83,38 @@ class LossConfig:
 
 
 @dataclass
+class TrainConfig:
+    ds_config: str = "ds_configs/zero2.json"  # DeepSpeed template; "auto" values are filled in
+    micro_batch_size: int = 1  # samples per GPU per forward
+    global_batch_size: int = (
+        0  # samples per optimizer step over all GPUs; 0 = micro × GPUs × grad_accum
+    )
+    grad_accum: int = 1  # used when global_batch_size is 0
+    max_steps: int = 100  # optimizer steps
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr × this
+    warmup_steps: int = 10  # linear warm-up from 0
+    weight_decay: float = 0.0  # not applied to biases and norms
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 0  # optimizer steps between val-loss evaluations; 0 = only at the end
+    eval_batches: int = 0  # micro-batches per evaluation; 0 = the whole val split
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_last: int = 2  # checkpoints kept (older ones deleted after a successful save)
+    resume: str = "auto"  # auto (latest in output_dir if any) | never | a checkpoint folder
+    log_every: int = 1  # optimizer steps between metrics lines
+    max_skipped_in_a_row: int = 20  # fp16 overflow: stop after this many skipped steps in a row
+    cpu_shm_comm: bool = False  # CPU runs: build DeepSpeed's shared-memory comm op (~45 s compile)
+    tensorboard: bool = True
+    oom_retry: bool = False  # on CUDA OOM: halve micro-batch, double accumulation, go on
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/default"  # run directory: checkpoints/, hf/, metrics.jsonl, plots
     seed: int = 0
 
@@ -106,7 +134,27 @@ class RunConfig:
             problems.append("loss.decision_loss must be focal|bce")
         if self.model.qlora and not self.model.lora:
             problems.append("model.qlora needs model.lora=true")
+        t = self.train
+        if t.micro_batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
+            problems.append(
+                "train.micro_batch_size, train.grad_accum, train.max_steps must be >= 1"
+            )
+        if t.resume not in ("auto", "never") and not t.resume:
+            problems.append("train.resume must be auto, never or a checkpoint folder")
         return problems
+
+    def grad_accum(self, world_size: int) -> int:
+        """Accumulation steps that keep the global batch at ``train.global_batch_size``."""
+        t = self.train
+        if not t.global_batch_size:
+            return t.grad_accum
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                f"micro_batch_size × GPUs = {per_step}"
+            )
+        return t.global_batch_size // per_step
 
     def head_config(self):
         from dst_train.model.dst_model import HeadConfig
@@ -207,6 +255,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

@@ -203,11 +203,10 @@ def load_hf_model(
             quantization_config=quantization_config,
         )
     config = arch_config(arch)
-    config._attn_implementation = attention
-    config.text_config._attn_implementation = attention
-    config.vision_config._attn_implementation = attention
-    model = SmolVLMForConditionalGeneration(config)
-    return model.to(dtype)
+    # _from_config honours a live HfDeepSpeedConfig (ZeRO-3: weights partitioned at construction)
+    return SmolVLMForConditionalGeneration._from_config(
+        config, dtype=dtype, attn_implementation=attention
+    )
 
 
 def model_source(arch: str) -> str:

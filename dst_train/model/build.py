@@ -50,7 +50,9 @@ def build_model(mcfg: ModelConfig, heads: HeadConfig, precision: Precision) -> D
         precision.attention,
         quantization_config=quant,
     )
-    model = DSTModel(SmolVLMBackbone(hf, heads.tokens_per_frame), heads).to(precision.torch_dtype)
+    model = DSTModel(SmolVLMBackbone(hf, heads.tokens_per_frame), heads)
+    for head in (model.speak_head, model.update_head):
+        head.to(precision.torch_dtype)
     set_trainable(model, mcfg)
     if mcfg.lora:
         add_lora(model, mcfg)

@@ -1,0 +1,81 @@
+"""ZeRO-2/3 checkpoint → a Hugging Face model folder (``dst-train convert``).
+
+DeepSpeed's ``zero_to_fp32`` consolidates the rank shards into one fp32 state dict on the CPU (no
+process group needed). The model is rebuilt from the checkpoint's own ``config.yaml`` (random
+init, no weights downloaded), the state dict loaded strictly, LoRA merged (or kept as an
+adapter), and the result saved: the backbone as a plain transformers folder (safetensors,
+config, tokenizer, image processor) + ``dst_heads.safetensors`` + ``dst_config.json``.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from dst_train.engine import checkpoint
+from dst_train.model.precision import DTYPES
+
+
+def locate(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints folder, tag) from a run dir, a checkpoints dir, or a step folder."""
+    p = Path(path)
+    for ckpt_dir in (p / "checkpoints", p):
+        tag = checkpoint.latest_tag(ckpt_dir)
+        if tag:
+            return ckpt_dir, tag
+    if (p / checkpoint.COMPLETE).is_file():
+        return p.parent, p.name
+    raise FileNotFoundError(
+        f"{p}: no complete checkpoint (expected a run dir, its checkpoints/ "
+        "folder, or a step_* folder with COMPLETE)"
+    )
+
+
+def convert(
+    path: str | Path, out: str | Path, dtype: str = "fp32", merge_lora: bool = True
+) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dst_train.config import load_config
+    from dst_train.model.backbone import load_image_processor, load_tokenizer
+    from dst_train.model.build import Precision, build_model, merge_lora as merge
+
+    t0 = time.perf_counter()
+    ckpt_dir, tag = locate(path)
+    cfg = load_config(ckpt_dir / tag / "config.yaml")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    mcfg = cfg.model
+    mcfg.pretrained, mcfg.qlora, mcfg.gradient_checkpointing = False, False, False
+    model = build_model(mcfg, cfg.head_config(), Precision("fp32", "sdpa"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{ckpt_dir / tag}: checkpoint does not match the model "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    del state
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = model.backbone.hf
+    if cfg.model.lora and not merge_lora:
+        hf.model.text_model.save_pretrained(out / "lora_adapter")  # peft adapter folder
+        hf.model.text_model = hf.model.text_model.get_base_model()
+    elif cfg.model.lora:
+        merge(model)
+    torch_dtype = DTYPES[dtype]
+    model.to(torch_dtype)
+    hf.save_pretrained(out)
+    model.save_heads(out)
+    load_tokenizer(cfg.model.arch).save_pretrained(out)
+    load_image_processor(cfg.model.arch).save_pretrained(out)
+    (out / "run_config.yaml").write_text((ckpt_dir / tag / "config.yaml").read_text())
+    return {
+        "out": str(out),
+        "checkpoint": str(ckpt_dir / tag),
+        "dtype": dtype,
+        "seconds": time.perf_counter() - t0,
+        "peak_ram_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }

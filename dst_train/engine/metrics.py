@@ -1,0 +1,110 @@
+"""Run metrics: one JSON line per logged step (``metrics.jsonl``), TensorBoard, a tqdm bar on rank
+0, and the loss-curve PNG at the end. Other ranks log nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        out_dir: Path,
+        active: bool,
+        tensorboard: bool,
+        start_step: int,
+        total: int,
+        resumed: bool,
+    ):
+        self.active = active
+        self.out_dir = out_dir
+        self.path = out_dir / "metrics.jsonl"
+        self.bar = None
+        self.tb = None
+        if not active:
+            return
+        if not resumed and self.path.exists():
+            self.path.unlink()  # a fresh run starts a fresh log; a resumed one appends
+        self.fh = self.path.open("a")
+        self.bar = tqdm(
+            total=total, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+        )
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def _write(self, row: dict) -> None:
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "kind"):
+                    self.tb.add_scalar(f"{row['kind']}/{k}", v, row["step"])
+
+    def train(self, step: int, row: dict) -> None:
+        if not self.active:
+            return
+        self._write({"kind": "train", "step": step, **row})
+        self.bar.n = step
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
+        self.bar.refresh()
+
+    def eval(self, step: int, row: dict) -> None:
+        if not self.active:
+            return
+        self._write({"kind": "eval", "step": step, **row})
+        self.bar.write(f"step {step}: val loss {row['val_loss']:.4f}")
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self.bar.close()
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+        plot_losses(self.path, self.out_dir / "loss_curve.png")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, png: Path) -> Path:
+    """Every loss term against the optimizer step (train lines, val as markers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [r for r in rows if r["kind"] == "train"]
+    val = [r for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key in ("loss", "speak_loss", "update_loss", "response_loss", "dst_loss"):
+        ax.plot(
+            [r["step"] for r in train],
+            [r[key] for r in train],
+            label=key,
+            lw=2 if key == "loss" else 1,
+        )
+        if val:
+            ax.plot(
+                [r["step"] for r in val],
+                [r[f"val_{key}"] for r in val],
+                "o",
+                color=ax.lines[-1].get_color(),
+                ms=4,
+            )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (dots: val)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

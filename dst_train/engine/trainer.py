@@ -1,0 +1,318 @@
+"""The training loop on ``deepspeed.initialize`` (no HF Trainer).
+
+One recipe, read top to bottom: distributed init → model → data → engine → resume → loop
+(forward, ``engine.backward``, ``engine.step``) → periodic eval and checkpoints → final save, plot.
+Launched by ``deepspeed``/``torchrun`` (one process per GPU, or per CPU worker with gloo) or plain
+``python`` for a single process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from dst_train.config import RunConfig, save_config, to_dict
+from dst_train.engine import checkpoint
+from dst_train.engine.ds_config import build_ds_config, zero_stage
+from dst_train.engine.metrics import MetricsLogger
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. fp16 overflow every step); the message says why."""
+
+
+class OverflowGuard:
+    """Counts optimizer steps skipped in a row for fp16 overflow; stops after ``limit``."""
+
+    def __init__(self, limit: int, skipped_so_far: int = 0):
+        self.limit, self.last, self.in_a_row = limit, skipped_so_far, 0
+
+    def update(self, skipped_total: int, scale: float | None = None) -> None:
+        self.in_a_row = self.in_a_row + 1 if skipped_total > self.last else 0
+        self.last = skipped_total
+        if self.limit and self.in_a_row >= self.limit:
+            raise TrainingStopped(
+                f"{self.in_a_row} optimizer steps in a row were skipped for fp16 overflow (loss "
+                f"scale {scale}): lower train.lr, use bf16 on GPUs that have it, or check the data "
+                "for extreme values"
+            )
+
+
+# ----------------------------------------------------------------- setup
+def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
+    """Process group via DeepSpeed: nccl on GPUs, gloo on CPU. Returns (rank, world, device)."""
+    import importlib
+
+    import deepspeed
+
+    # not `import deepspeed.comm.torch as m`: deepspeed.comm's namespace binds `torch` itself
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu and not cfg.train.cpu_shm_comm:
+        # The CPU shared-memory all-reduce op is compiled on first use (~45 s); gloo alone is
+        # enough for the CPU demo and tests. DeepSpeed looks the builder up here at init.
+        ds_torch_comm.build_shm_op = lambda: None
+    for key, value in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29511"),
+    ):
+        os.environ.setdefault(key, value)  # plain `python` = a world of one (no mpi4py lookup)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if on_gpu:
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def setup(cfg: RunConfig):
+    """Everything the loop needs, built in a fixed order; returns a namespace-like dict."""
+    import deepspeed
+    from torch.utils.data import DataLoader
+
+    from dst_train.data.collate import LengthGroupedSampler, make_collate
+    from dst_train.data.pipeline import make_dataset
+    from dst_train.model.backbone import arch_config, load_image_processor, load_tokenizer
+    from dst_train.model.build import build_model, resolve_precision
+
+    rank, world, device = init_distributed(cfg)
+    torch.manual_seed(cfg.seed)
+    precision = resolve_precision(cfg.model)
+    grad_accum = cfg.grad_accum(world)
+    hidden = arch_config(cfg.model.arch).text_config.hidden_size
+    t = cfg.train
+    ds_config = build_ds_config(
+        t.ds_config,
+        micro_batch=t.micro_batch_size,
+        grad_accum=grad_accum,
+        world_size=world,
+        lr=t.lr,
+        betas=t.betas,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        dtype=precision.dtype,
+        hidden_size=hidden,
+        on_gpu=device.type == "cuda",
+    )
+    hf_ds = None
+    if zero_stage(ds_config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 — keep alive: weights built partitioned
+    model = build_model(cfg.model, cfg.head_config(), precision)
+    tokenizer = load_tokenizer(cfg.model.arch)
+    processor = load_image_processor(cfg.model.arch)
+    train_ds = make_dataset(
+        cfg, cfg.data.train_split, tokenizer, model.backbone, processor, seed=cfg.seed
+    )
+    val_ds = make_dataset(
+        cfg, cfg.data.val_split, tokenizer, model.backbone, processor, seed=cfg.seed
+    )
+    collate = make_collate(tokenizer.pad_token_id, bool(cfg.data.feature_cache))
+    sampler = LengthGroupedSampler(train_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
+    loader = DataLoader(
+        train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
+    )
+    val_sampler = LengthGroupedSampler(val_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
+    val_loader = DataLoader(val_ds, batch_sampler=val_sampler, collate_fn=collate)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, t.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: lr_schedule(opt, t.warmup_steps, t.max_steps, t.min_lr_ratio),
+    )
+    return {
+        "rank": rank,
+        "world": world,
+        "device": device,
+        "engine": engine,
+        "model": model,
+        "precision": precision,
+        "ds_config": ds_config,
+        "grad_accum": grad_accum,
+        "train_ds": train_ds,
+        "sampler": sampler,
+        "loader": loader,
+        "val_loader": val_loader,
+        "hf_ds": hf_ds,
+        "tokenizer": tokenizer,
+        "processor": processor,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_schedule(optimizer, warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to the peak lr, then cosine decay to ``peak × min_ratio`` at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ------------------------------------------------------------------ loop
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+LOSSES = ("loss", "speak_loss", "update_loss", "response_loss", "dst_loss")
+
+
+def batches_forever(loader, sampler, epoch: int, skip: int):
+    """Yield (epoch, index in epoch, batch) across epochs, starting ``skip`` batches in."""
+    while True:
+        sampler.set_epoch(epoch, skip)
+        loader.dataset.epoch = epoch
+        for i, batch in enumerate(loader, start=skip):
+            yield epoch, i, batch
+        epoch, skip = epoch + 1, 0
+
+
+def fit(cfg: RunConfig) -> dict:
+    """Train as configured; returns the final metrics (rank 0 also writes them to disk)."""
+    s = setup(cfg)
+    rank, world, engine, device = s["rank"], s["world"], s["engine"], s["device"]
+    out_dir = Path(cfg.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        (out_dir / "ds_config.json").write_text(json.dumps(s["ds_config"], indent=2))
+    barrier = torch.distributed.barrier
+    barrier()
+    config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    tag = resume_tag(cfg, ckpt_dir)
+    if tag is not None:
+        state = checkpoint.load(engine, tag[0], tag[1], rank)
+    log = MetricsLogger(
+        out_dir,
+        rank == 0,
+        cfg.train.tensorboard,
+        start_step=state["step"],
+        total=cfg.train.max_steps,
+        resumed=tag is not None,
+    )
+    stream = batches_forever(s["loader"], s["sampler"], state["epoch"], state["batch_in_epoch"])
+    guard = OverflowGuard(cfg.train.max_skipped_in_a_row, engine.skipped_steps)
+    engine.train()
+    t = cfg.train
+    while state["step"] < t.max_steps:
+        t0 = time.perf_counter()
+        sums = torch.zeros(len(LOSSES) + 2, dtype=torch.float64)  # losses…, tokens, samples
+        for _ in range(s["grad_accum"]):
+            epoch, index, batch = next(stream)
+            out = engine(**to_device(batch, device))
+            engine.backward(out["loss"])
+            engine.step()
+            sums[: len(LOSSES)] += torch.tensor([out[k].item() for k in LOSSES])
+            sums[-2] += batch["attention_mask"].sum().item()
+            sums[-1] += batch["input_ids"].shape[0]
+            state.update(epoch=epoch, batch_in_epoch=index + 1)
+        state["step"] += 1
+        guard.update(engine.skipped_steps, loss_scale(engine))
+        sums = all_reduce_sum(sums, device)
+        if state["step"] % t.log_every == 0 or state["step"] == t.max_steps:
+            n_micro = s["grad_accum"] * world
+            row = {k: sums[i].item() / n_micro for i, k in enumerate(LOSSES)}
+            dt = time.perf_counter() - t0
+            row.update(
+                lr=engine.get_lr()[0],
+                loss_scale=loss_scale(engine),
+                skipped_steps=engine.skipped_steps,
+                tokens_per_s=sums[-2].item() / dt,
+                samples_per_s=sums[-1].item() / dt,
+                step_time_s=dt,
+                peak_mem_gib=peak_memory_gib(device),
+                epoch=state["epoch"],
+            )
+            log.train(state["step"], row)
+        if t.eval_every and state["step"] % t.eval_every == 0 and state["step"] < t.max_steps:
+            log.eval(state["step"], evaluate(engine, s["val_loader"], device, t.eval_batches))
+        if t.save_every and state["step"] % t.save_every == 0 and state["step"] < t.max_steps:
+            checkpoint.save(
+                engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier
+            )
+    final = evaluate(engine, s["val_loader"], device, t.eval_batches)
+    log.eval(state["step"], final)
+    checkpoint.save(engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier)
+    log.close()
+    return {"step": state["step"], **final}
+
+
+def resume_tag(cfg: RunConfig, ckpt_dir: Path) -> tuple[Path, str] | None:
+    """(checkpoints folder, tag) to resume from, or None to start fresh."""
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        tag = checkpoint.latest_tag(ckpt_dir)
+        return (ckpt_dir, tag) if tag else None
+    folder = Path(cfg.train.resume)
+    if not (folder / checkpoint.COMPLETE).is_file():
+        raise FileNotFoundError(f"{folder}: not a complete dst-train checkpoint")
+    return folder.parent, folder.name
+
+
+@torch.no_grad()
+def evaluate(engine, loader, device, max_batches: int = 0) -> dict:
+    """Mean of every loss over the val split (or its first ``max_batches``), all ranks summed."""
+    engine.eval()
+    sums = torch.zeros(len(LOSSES) + 1, dtype=torch.float64)
+    loader.batch_sampler.set_epoch(0)
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        out = engine(**to_device(batch, device))
+        sums[:-1] += torch.tensor([out[k].item() for k in LOSSES])
+        sums[-1] += 1
+    engine.train()
+    sums = all_reduce_sum(sums, device)
+    n = max(sums[-1].item(), 1)
+    return {f"val_{k}": sums[i].item() / n for i, k in enumerate(LOSSES)}
+
+
+def all_reduce_sum(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    y = x.to(device)
+    torch.distributed.all_reduce(y)
+    return y.cpu()
+
+
+def loss_scale(engine) -> float | None:
+    opt = engine.optimizer
+    for name in ("cur_scale", "loss_scale"):
+        value = getattr(opt, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB

@@ -1,0 +1,87 @@
+"""Launch real multi-process DeepSpeed runs (gloo on CPU) the way users do."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_YAML = REPO / "launch" / "configs" / "demo.yaml"
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def base_overrides(demo_root, tiny_model_dir, out) -> list[str]:
+    return [
+        f"data.root={demo_root}",
+        f"model.arch={tiny_model_dir}",
+        f"output_dir={out}",
+        "train.max_steps=6",
+        "train.warmup_steps=2",
+        "train.lr=0.003",
+        "train.eval_every=3",
+        "train.eval_batches=1",
+        "train.tensorboard=false",
+    ]
+
+
+def train_command(overrides, launcher="deepspeed", nproc=2) -> list[str]:
+    port = free_port()
+    if launcher == "deepspeed":
+        head = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            port,
+            "--module",
+        ]
+    elif launcher == "torchrun":
+        head = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            port,
+            "-m",
+        ]
+    else:
+        head = [sys.executable, "-m"]
+    return [*head, "dst_train.cli", "train", "--config", str(DEMO_YAML), *overrides]
+
+
+def run_training(overrides, launcher="deepspeed", nproc=2, timeout=600):
+    proc = subprocess.run(
+        train_command(overrides, launcher, nproc),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(out: Path) -> dict:
+    """Consolidated fp32 weights of the run's latest checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dst_train.engine.convert import locate
+
+    ckpt_dir, tag = locate(out)
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

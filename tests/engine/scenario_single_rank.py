@@ -1,0 +1,95 @@
+"""Run inside one plain `python` process (a world of one): checkpoint crash-safety, conversion
+round trip, and ZeRO-3 partitioned construction. Prints one JSON object of findings."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dst_train.config import load_config
+from dst_train.engine import checkpoint
+from dst_train.engine.trainer import setup, to_device
+
+demo_root, tiny, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+cfg = load_config(
+    None,
+    [
+        f"data.root={demo_root}",
+        f"model.arch={tiny}",
+        f"output_dir={out}",
+        "train.micro_batch_size=1",
+        "train.lr=0.003",
+        "train.warmup_steps=1",
+        "data.max_seq_len=2048",
+    ],
+)
+found = {}
+s = setup(cfg)
+engine, device = s["engine"], s["device"]
+batch = to_device(next(iter(s["loader"])), device)
+for _ in range(2):
+    engine.backward(engine(**batch)["loss"])
+    engine.step()
+ckpt = out / "checkpoints"
+barrier = torch.distributed.barrier
+checkpoint.save(
+    engine, ckpt, 2, {"step": 2, "epoch": 0, "batch_in_epoch": 2}, "x: 1\n", 2, 0, barrier
+)
+
+real_save = engine.save_checkpoint
+
+
+def crashing_save(save_dir, tag, **kw):
+    (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+    (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+    raise RuntimeError("disk full (simulated)")
+
+
+engine.save_checkpoint = crashing_save
+try:
+    checkpoint.save(engine, ckpt, 4, {"step": 4}, "x: 1\n", 2, 0, barrier)
+except RuntimeError as e:
+    found["crash"] = str(e)
+engine.save_checkpoint = real_save
+found["latest_after_crash"] = checkpoint.latest_tag(ckpt)
+found["partial_left"] = (ckpt / "step_00000004").is_dir()
+found["resumed_state"] = checkpoint.load(engine, ckpt, checkpoint.latest_tag(ckpt), 0)
+# the real save at step 4 cleans the partial folder and completes
+(Path(cfg.output_dir) / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
+from dst_train.config import to_dict  # noqa: E402
+import yaml  # noqa: E402
+
+checkpoint.save(
+    engine,
+    ckpt,
+    4,
+    {"step": 4, "epoch": 0, "batch_in_epoch": 4},
+    yaml.safe_dump(to_dict(cfg)),
+    2,
+    0,
+    barrier,
+)
+found["latest_after_good_save"] = checkpoint.latest_tag(ckpt)
+
+# convert and compare with the live model
+from dst_train.engine.convert import convert  # noqa: E402
+from dst_train.model.dst_model import DSTModel  # noqa: E402
+
+report = convert(out, out / "hf")
+live = engine.module
+live.eval()
+loaded = DSTModel.from_pretrained(out / "hf")
+loaded.eval()
+with torch.no_grad():
+    a, b = live(**batch), loaded(**batch)
+found["max_abs_diff"] = {
+    k: (a[k] - b[k]).abs().max().item()
+    for k in ("speak_logits", "update_logits", "loss", "response_loss")
+}
+from transformers import SmolVLMForConditionalGeneration  # noqa: E402
+
+plain = SmolVLMForConditionalGeneration.from_pretrained(out / "hf")
+found["plain_transformers_params"] = sum(p.numel() for p in plain.parameters())
+found["convert_report_keys"] = sorted(report)
+print("RESULT " + json.dumps(found))

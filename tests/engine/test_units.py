@@ -1,0 +1,112 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dst_train.config import ConfigError, RunConfig, load_config
+from dst_train.engine.ds_config import build_ds_config
+from dst_train.engine.trainer import OverflowGuard, TrainingStopped, lr_schedule
+
+REPO = Path(__file__).resolve().parents[2]
+KW = dict(
+    micro_batch=4,
+    grad_accum=3,
+    world_size=2,
+    lr=1e-4,
+    betas=(0.9, 0.95),
+    weight_decay=0.01,
+    grad_clip=1.0,
+    hidden_size=2048,
+)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero2_offload", "zero3", "zero3_offload"])
+def test_shipped_ds_configs_resolve(name):
+    cfg = build_ds_config(f"ds_configs/{name}.json", dtype="fp16", on_gpu=True, **KW)
+    assert cfg["train_batch_size"] == 24 and cfg["gradient_accumulation_steps"] == 3
+    assert cfg["fp16"]["enabled"] is True and cfg["bf16"]["enabled"] is False
+    assert cfg["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert cfg["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's Adam on GPUs
+    z = cfg["zero_optimization"]
+    assert z["reduce_bucket_size"] == 2048 * 2048
+    if "zero3" in name:
+        assert z["stage"] == 3 and z["stage3_gather_16bit_weights_on_model_save"] is True
+        assert z["stage3_param_persistence_threshold"] == 20480
+    if "offload" in name:
+        assert z["offload_optimizer"]["device"] == "cpu"
+    cpu = build_ds_config(f"ds_configs/{name}.json", dtype="bf16", on_gpu=False, **KW)
+    assert cpu["bf16"]["enabled"] and cpu["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_unresolved_auto_is_an_error():
+    with pytest.raises(ValueError, match="unresolved 'auto'"):
+        build_ds_config({"mystery": "auto"}, dtype="fp32", on_gpu=False, **KW)
+
+
+def test_global_batch_is_kept_by_accumulation():
+    cfg = load_config(None, ["train.global_batch_size=32", "train.micro_batch_size=4"])
+    assert cfg.grad_accum(world_size=2) == 4
+    assert cfg.grad_accum(world_size=8) == 1
+    with pytest.raises(ConfigError, match="not a multiple"):
+        cfg.grad_accum(world_size=3)
+    assert load_config(None, ["train.grad_accum=5"]).grad_accum(4) == 5
+
+
+def test_lr_schedule_warmup_then_cosine():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = lr_schedule(opt, warmup=4, total=14, min_ratio=0.1)
+    lrs = []
+    for _ in range(16):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
+
+
+def test_overflow_guard_stops_after_a_streak_only():
+    guard = OverflowGuard(limit=3)
+    for total in (1, 1, 2, 3):  # a skip, a good step, then two skips
+        guard.update(total)
+    with pytest.raises(TrainingStopped, match="3 optimizer steps in a row"):
+        guard.update(4, scale=1.0)
+
+
+def test_config_loading_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, ["train.max_step=3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(None, ["train.max_steps"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="tokens_per_frame must be a perfect square"):
+        load_config(None, ["model.tokens_per_frame=3"])
+    cfg = load_config(None, ["train.betas=[0.8, 0.9]", "model.lora=true", "train.lr=1e-3"])
+    assert cfg.train.betas == (0.8, 0.9) and cfg.model.lora is True and cfg.train.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "launch" / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_run_config_is_valid(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#")  # each starts with a comment on how to launch it
+    build_ds_config(cfg.train.ds_config, dtype="fp16", on_gpu=True, **KW)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from dst_train.config import save_config
+
+    cfg = load_config(None, ["train.max_steps=7", "model.lora=true"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    json.dumps(cfg.train.__dict__)  # JSON-serialisable for logs
