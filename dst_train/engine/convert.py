@@ -13,8 +13,6 @@ import resource
 import time
 from pathlib import Path
 
-import torch
-
 from dst_train.engine import checkpoint
 from dst_train.model.precision import DTYPES
 
@@ -41,7 +39,8 @@ def convert(
 
     from dst_train.config import load_config
     from dst_train.model.backbone import load_image_processor, load_tokenizer
-    from dst_train.model.build import Precision, build_model, merge_lora as merge
+    from dst_train.model.build import Precision, build_model
+    from dst_train.model.build import merge_lora as merge
 
     t0 = time.perf_counter()
     ckpt_dir, tag = locate(path)

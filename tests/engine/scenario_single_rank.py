@@ -57,8 +57,9 @@ found["partial_left"] = (ckpt / "step_00000004").is_dir()
 found["resumed_state"] = checkpoint.load(engine, ckpt, checkpoint.latest_tag(ckpt), 0)
 # the real save at step 4 cleans the partial folder and completes
 (Path(cfg.output_dir) / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
-from dst_train.config import to_dict  # noqa: E402
 import yaml  # noqa: E402
+
+from dst_train.config import to_dict  # noqa: E402
 
 checkpoint.save(
     engine,
