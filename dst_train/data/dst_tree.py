@@ -198,21 +198,27 @@ def check_state(tree: DSTTree, state: dict[str, str]) -> list[str]:
     return problems
 
 
-def repair_state(tree: DSTTree, state: dict[str, str]) -> dict[str, str]:
+def repair_state(
+    tree: DSTTree, state: dict[str, str], weights: dict[str, float] | None = None
+) -> dict[str, str]:
     """The valid tree state that differs from ``state`` on the fewest nodes.
 
-    Exact dynamic programme over the tree: for every node and candidate state, the least number
-    of changed nodes in its subtree. Unknown ids are dropped; missing ids or unknown states count
-    as "no opinion" (any state costs 0). Ties prefer the given state, then not_started <
-    in_progress < completed. A valid input has cost 0 and is returned unchanged.
+    Exact dynamic programme over the tree: for every node and candidate state, the least total
+    cost of changed nodes in its subtree; changing a node costs ``weights[node]`` (default 1).
+    Streaming inference gives the nodes the model just updated a large weight, so a partial
+    update ("1.2.1=in_progress" without its parents) is completed rather than undone. Unknown ids
+    are dropped; missing ids or unknown states count as "no opinion" (any state costs 0). Ties
+    prefer the given state, then not_started < in_progress < completed. A valid input has cost 0
+    and is returned unchanged.
     """
+    weights = weights or {}
     best: dict[str, dict[str, tuple[int, dict[str, str]]]] = {}
     for nid in reversed(tree.order):  # children come after their parent in file order
         node = tree.nodes[nid]
         given = state.get(nid)
         options = {}
         for s in STATES:
-            own = 0 if given not in STATES or given == s else 1
+            own = 0 if given not in STATES or given == s else weights.get(nid, 1)
             sub = _best_children(node.children, s, best) if node.children else (0, {})
             options[s] = (own + sub[0], {nid: s, **sub[1]})
         best[nid] = options

@@ -61,7 +61,7 @@ def convert(
     hf = model.backbone.hf
     if cfg.model.lora and not merge_lora:
         hf.model.text_model.save_pretrained(out / "lora_adapter")  # peft adapter folder
-        hf.model.text_model = hf.model.text_model.get_base_model()
+        hf.model.text_model = hf.model.text_model.unload()  # LoRA layers out, weights unmerged
     elif cfg.model.lora:
         merge(model)
     torch_dtype = DTYPES[dtype]

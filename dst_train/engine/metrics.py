@@ -49,9 +49,10 @@ class MetricsLogger:
         if not self.active:
             return
         self._write({"kind": "train", "step": step, **row})
-        self.bar.n = step
-        self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}")
-        self.bar.refresh()
+        # update() (not refresh()) keeps tqdm's rate limit: a log file gets a line per second at
+        # most, not one per step
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}", refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def eval(self, step: int, row: dict) -> None:
         if not self.active:

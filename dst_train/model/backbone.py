@@ -196,12 +196,17 @@ def load_hf_model(
             arch = ARCHS[arch][1]  # hub id: works when the user has the weights cached
         elif arch != "tiny" and Path(arch).exists() and not has_weights(arch):
             raise FileNotFoundError(f"{arch}: no weights (*.safetensors) in this model folder")
-        return SmolVLMForConditionalGeneration.from_pretrained(
+        model, info = SmolVLMForConditionalGeneration.from_pretrained(
             arch,
             dtype=dtype,
             attn_implementation=attention,
             quantization_config=quantization_config,
+            output_loading_info=True,
         )
+        missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
+        if missing:  # transformers would silently leave these randomly initialised
+            raise ValueError(f"{arch}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+        return model
     config = arch_config(arch)
     # _from_config honours a live HfDeepSpeedConfig (ZeRO-3: weights partitioned at construction)
     return SmolVLMForConditionalGeneration._from_config(

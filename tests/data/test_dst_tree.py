@@ -293,3 +293,19 @@ def test_repair_drops_unknown_and_fills_missing(tmp_path):
     fixed = repair_state(tree, {"1.1.1": COMPLETED, "9.9": COMPLETED})
     assert set(fixed) == set(tree.order) and check_state(tree, fixed) == []
     assert fixed["1.1.1"] == COMPLETED and fixed["1.1"] == IN_PROGRESS
+
+
+def test_weighted_repair_keeps_pinned_nodes(tmp_path):
+    tree = _big_tree(tmp_path)
+    state = tree.initial_state()
+    state["1.1.1"] = IN_PROGRESS  # a partial update: the parents were not listed
+    assert repair_state(tree, state)["1.1.1"] == NOT_STARTED  # unweighted: 1 change beats 2
+    fixed = repair_state(tree, state, {"1.1.1": 100})
+    assert (
+        fixed["1.1.1"] == IN_PROGRESS and fixed["1.1"] == IN_PROGRESS and fixed["1"] == IN_PROGRESS
+    )
+    assert check_state(tree, fixed) == []
+    state = tree.initial_state()
+    state["1.1"] = COMPLETED  # a parent said completed: pinned, its children follow
+    fixed = repair_state(tree, state, {"1.1": 100})
+    assert all(fixed[c] == COMPLETED for c in ("1.1.1", "1.1.2", "1.1.3"))

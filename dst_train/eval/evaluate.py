@@ -1,0 +1,269 @@
+"""``dst-train evaluate``: thresholds on val, streaming on test, ProAssist + DST metrics, report.
+
+1. Thresholds: one teacher-forced pass over the val split gives every frame's speak/update
+   probability; the threshold maximising frame-level F1 is chosen per head (cheap: no decoding).
+2. Streaming: every test clip runs through :class:`StreamingAssistant` with those thresholds; the
+   per-frame trace is written to ``OUT/traces/<video>.jsonl``.
+3. Metrics (speaking, text, DST), ``report.json``, ``report.md``, plots; with ``--baseline`` the
+   same for an untrained model of the same architecture (its thresholds chosen the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dst_train.data.dst_tree import parse_transitions
+from dst_train.eval.dst_metrics import dst_scores
+from dst_train.eval.speaking import SentenceSimilarity, match_turns, speaking_scores
+from dst_train.eval.text_metrics import caption_scores
+
+REPORT_KEYS = (
+    "speak_f1",
+    "speak_precision",
+    "speak_recall",
+    "jaccard",
+    "missing_rate",
+    "redundant_rate",
+    "bleu4",
+    "meteor",
+    "cider",
+    "semantic_similarity",
+    "dst_state_accuracy",
+    "update_f1",
+    "transition_accuracy",
+    "valid_dst_ratio",
+)
+THRESHOLDS = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
+
+
+def load_models(model_dir: Path, baseline: bool, seed: int = 0):
+    from dst_train.config import ModelConfig
+    from dst_train.model.build import Precision, build_model
+    from dst_train.model.dst_model import DSTModel
+
+    models = {"model": DSTModel.from_pretrained(model_dir)}
+    if baseline:
+        torch.manual_seed(seed)
+        cfg = models["model"].cfg
+        untrained = build_model(
+            ModelConfig(
+                arch=str(model_dir),
+                pretrained=False,
+                tokens_per_frame=cfg.tokens_per_frame,
+                head_hidden=cfg.head_hidden,
+            ),
+            cfg,
+            Precision("fp32", "sdpa"),
+        )
+        models["baseline"] = untrained
+    return models
+
+
+@torch.no_grad()
+def frame_probabilities(model, dataset, collate) -> dict[str, np.ndarray]:
+    """Teacher-forced speak/update probabilities and labels of every frame of ``dataset``."""
+    model.eval()
+    out = {"speak_p": [], "update_p": [], "speak": [], "update": []}
+    for i in range(len(dataset)):
+        batch = collate([dataset[i]])
+        res = model(**batch)
+        out["speak_p"].append(torch.sigmoid(res["speak_logits"].float()).numpy())
+        out["update_p"].append(torch.sigmoid(res["update_logits"].float()).numpy())
+        out["speak"].append(batch["speak"].numpy())
+        out["update"].append(batch["update"].numpy())
+    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+
+
+def sweep(probs: np.ndarray, labels: np.ndarray) -> list[dict]:
+    rows = []
+    for t in THRESHOLDS:
+        pred = probs > t
+        tp = int((pred & (labels == 1)).sum())
+        p = tp / pred.sum() if pred.sum() else 0.0
+        r = tp / (labels == 1).sum() if (labels == 1).sum() else 0.0
+        rows.append(
+            {
+                "threshold": t,
+                "precision": p,
+                "recall": r,
+                "f1": 2 * p * r / (p + r) if p + r else 0.0,
+            }
+        )
+    return rows
+
+
+def best_threshold(rows: list[dict]) -> float:
+    return max(rows, key=lambda r: (r["f1"], -abs(r["threshold"] - 0.5)))["threshold"]
+
+
+def run_split(
+    model,
+    tokenizer,
+    builder,
+    labels_list,
+    trees,
+    frame_source,
+    thresholds: dict,
+    max_context: int,
+    trace_dir: Path | None,
+) -> list[dict]:
+    from dst_train.infer.stream import StreamingAssistant
+
+    assistant = StreamingAssistant(
+        model,
+        tokenizer,
+        builder,
+        thresholds["speak"],
+        thresholds["update"],
+        max_context=max_context,
+    )
+    videos = []
+    for labels in tqdm(labels_list, desc="streaming", unit="video"):
+        clip = labels.clip
+        tree = trees.get(clip.video_uid)
+
+        def frames(ids, _file=clip.frames_file):
+            return {"pixel_values": frame_source.load(_file, ids)}
+
+        traces = assistant.run(labels, tree, frames)
+        if trace_dir is not None:
+            trace_dir.mkdir(parents=True, exist_ok=True)
+            (trace_dir / f"{clip.video_uid}_{clip.clip_idx}.jsonl").write_text(
+                "".join(json.dumps(t.to_dict()) + "\n" for t in traces)
+            )
+        videos.append({"labels": labels, "tree": tree, "traces": traces})
+    return videos
+
+
+def score(videos: list[dict], similarity, fps_tolerance_s: float = 1.0) -> dict:
+    matches, pairs, dst_inputs = [], [], []
+    for v in videos:
+        labels, traces, tree = v["labels"], v["traces"], v["tree"]
+        s0 = labels.start
+        gen = [t.response for t in traces]
+        ref = [" ".join(labels.responses.get(s0 + i, [])) for i in range(len(traces))]
+        m = match_turns(gen, ref, similarity, fps=labels.clip.fps)
+        matches.append(m)
+        pairs += [(gen[i], ref[j]) for i, j, s in m.matched if s > 0.5]
+        if tree is not None:
+            fps = labels.clip.fps
+            dst_inputs.append(
+                {
+                    "pred_states": [t.state for t in traces],
+                    "ref_states": [tree.state_before((t.frame + 1) / fps) for t in traces],
+                    "pred_updates": {
+                        t.frame: _changes(t.dst_text)
+                        for t in traces
+                        if t.dst_text or t.dst_valid is not None
+                    },
+                    "ref_updates": {f: parse_transitions(x) for f, x in labels.dst_updates.items()},
+                    "valid": [bool(t.dst_valid) for t in traces if t.dst_valid is not None],
+                }
+            )
+    tolerance = round(fps_tolerance_s * (videos[0]["labels"].clip.fps if videos else 2.0))
+    return {
+        **speaking_scores(matches),
+        **caption_scores(pairs),
+        **dst_scores(dst_inputs, tolerance=tolerance),
+    }
+
+
+def _changes(text: str) -> dict:
+    try:
+        return parse_transitions(text)
+    except ValueError:
+        return {}
+
+
+def evaluate(
+    model_dir: str | Path,
+    data_root: str | Path,
+    split: str = "test",
+    out: str | Path | None = None,
+    baseline: bool = False,
+    embedding_model: str | None = None,
+    max_context: int = 4096,
+    val_split: str = "val",
+) -> dict:
+    from dst_train.config import load_config
+    from dst_train.data.collate import make_collate
+    from dst_train.data.dataset import DatasetPaths, dst_path, load_split
+    from dst_train.data.dst_tree import load_dst_tsv
+    from dst_train.data.pipeline import make_dataset
+    from dst_train.data.sequence import SequenceBuilder
+    from dst_train.eval.report import write_report
+    from dst_train.eval.speaking import default_embedding_model
+    from dst_train.model.backbone import load_image_processor, load_tokenizer
+    from dst_train.model.frames import FramePixels
+
+    t0 = time.perf_counter()
+    model_dir, data_root = Path(model_dir), Path(data_root)
+    out = Path(out) if out else model_dir.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(str(model_dir))
+    processor = load_image_processor(str(model_dir))
+    embedding_model = embedding_model or default_embedding_model()
+    similarity = SentenceSimilarity(embedding_model)
+    paths = DatasetPaths.from_root(data_root)
+    cfg = load_config(None, [f"data.root={data_root}", f"model.arch={model_dir}"])
+    cfg.data.max_seq_len = max_context
+    labels_list = load_split(data_root, split, cfg.data.span_policy)
+    trees = {}
+    for labels in labels_list:
+        uid = labels.clip.video_uid
+        tsv = dst_path(paths.dst_dir, uid) if paths.dst_dir else None
+        if uid not in trees and tsv is not None and tsv.is_file():
+            trees[uid] = load_dst_tsv(tsv, cfg.data.span_policy)
+    source = FramePixels(data_root, processor)
+    report = {
+        "model_dir": str(model_dir),
+        "data": str(data_root),
+        "split": split,
+        "videos": len({lb.clip.video_uid for lb in labels_list}),
+        "clips": len(labels_list),
+        "embedding_model": embedding_model,
+    }
+    for name, model in load_models(model_dir, baseline).items():
+        model.eval()
+        builder = SequenceBuilder(
+            tokenizer,
+            model.backbone.chat,
+            model.backbone.image_token_id,
+            model.backbone.tokens_per_frame,
+            max_context,
+        )
+        cfg.model.tokens_per_frame = model.backbone.tokens_per_frame
+        val = make_dataset(cfg, val_split, tokenizer, model.backbone, processor)
+        probs = frame_probabilities(model, val, make_collate(tokenizer.pad_token_id, False))
+        curves = {h: sweep(probs[f"{h}_p"], probs[h]) for h in ("speak", "update")}
+        thresholds = {h: best_threshold(c) for h, c in curves.items()}
+        videos = run_split(
+            model,
+            tokenizer,
+            builder,
+            labels_list,
+            trees,
+            source,
+            thresholds,
+            max_context,
+            out / "traces" if name == "model" else None,
+        )
+        scores = score(videos, similarity)
+        key = "metrics" if name == "model" else "baseline_metrics"
+        report[key] = {k: scores.get(k) for k in REPORT_KEYS} | {
+            k: v for k, v in scores.items() if k not in REPORT_KEYS
+        }
+        report[f"{name}_thresholds"] = thresholds
+        report[f"{name}_threshold_curves"] = curves
+        if name == "model":
+            report["_videos"] = videos
+    report["seconds"] = time.perf_counter() - t0
+    write_report(report, out)
+    report.pop("_videos", None)
+    return report

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# One GPU (or one CPU process):  launch/train_1gpu.sh launch/configs/smolvlm2-256m.yaml [key=value ...]
+set -euo pipefail
+cfg=$1; shift
+exec deepspeed --num_gpus 1 --module dst_train.cli train --config "$cfg" "$@"
