@@ -6,6 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SEED   ?= 0
 OUT    ?= runs/demo
+VIDEOS ?= 120
+PORT   ?= 29531
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint venv clean
@@ -21,9 +23,20 @@ $(STAMP): setup.py constraints.txt
 
 venv: $(STAMP)
 
+# The main job: data -> tiny SmolVLM -> DeepSpeed ZeRO-2 training in 2 processes (gloo on CPU,
+# GPUs when present) -> Hugging Face folder -> evaluation against the untrained baseline.
 demo: $(STAMP)
-	$(VENV)/bin/dst-train make-demo-data --out $(OUT)/data --seed $(SEED)
+	$(VENV)/bin/dst-train make-demo-data --out $(OUT)/data --seed $(SEED) --videos $(VIDEOS)
 	$(VENV)/bin/dst-train validate-data $(OUT)/data
+	$(VENV)/bin/dst-train make-tiny-model --data $(OUT)/data --out $(OUT)/tiny-model --seed $(SEED) \
+	  --hidden 128 --layers 4
+	$(VENV)/bin/deepspeed --num_gpus 2 --master_port $(PORT) --module dst_train.cli train \
+	  --config launch/configs/demo.yaml data.root=$(OUT)/data model.arch=$(OUT)/tiny-model \
+	  output_dir=$(OUT) seed=$(SEED)
+	$(VENV)/bin/dst-train convert $(OUT)/checkpoints $(OUT)/hf
+	$(VENV)/bin/dst-train evaluate $(OUT)/hf --data $(OUT)/data --out $(OUT)/eval --baseline
+	@echo "demo done: data $(OUT)/data | checkpoints $(OUT)/checkpoints | model $(OUT)/hf |" \
+	  "metrics $(OUT)/metrics.jsonl, $(OUT)/loss_curve.png | evaluation $(OUT)/eval/report.md"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

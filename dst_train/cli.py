@@ -68,7 +68,9 @@ def _validate_data(args: argparse.Namespace) -> int:
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from dst_train.model.tiny import demo_corpus, make_tiny_model
 
-    path = make_tiny_model(args.out, demo_corpus(args.data), seed=args.seed)
+    path = make_tiny_model(
+        args.out, demo_corpus(args.data), seed=args.seed, hidden=args.hidden, layers=args.layers
+    )
     print(f"wrote tiny SmolVLM model folder {path}")
     return 0
 
@@ -127,6 +129,40 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _autotune(args: argparse.Namespace) -> int:
+    import torch
+
+    from dst_train.config import ConfigError, load_config
+    from dst_train.tune.autotune import autotune, table
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = autotune(
+            cfg,
+            target_gb=args.target_gb,
+            fraction=args.fraction,
+            out=args.out,
+            max_micro=args.max_micro,
+            use_cache=not args.no_cache,
+            global_batch=args.global_batch,
+        )
+    except SystemExit as e:  # nothing fits: the message says what to change
+        print(f"autotune: {e}", file=sys.stderr)
+        return 3
+    if torch.distributed.get_rank() == 0:
+        print(table(report))
+        where = args.out or Path(cfg.output_dir) / "autotune"
+        print(
+            f"\ntuned run config: {where}/tuned.yaml"
+            + (f" (cached: {report['from_cache']})" if "from_cache" in report else "")
+        )
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from dst_train.engine.convert import convert
 
@@ -150,6 +186,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         embedding_model=args.embedding_model,
         max_context=args.max_context,
+        max_new_tokens=args.max_new_tokens,
+        max_clips=args.max_clips,
     )
     print(table(report))
     print(f"\nreport: {Path(args.out or Path(args.model_dir).parent / 'eval') / 'report.json'}")
@@ -204,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root whose texts train the tokenizer")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=64, help="LM hidden size (heads of 16 dims)")
+    p.add_argument("--layers", type=int, default=2, help="LM layers")
     p.set_defaults(func=_make_tiny_model)
 
     p = sub.add_parser("model-info", help="parameter counts and model-state memory (meta device)")
@@ -242,6 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_convert)
 
+    p = sub.add_parser("autotune", help="largest micro-batch under fraction × target GPU memory")
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--target-gb", type=float, default=24.0, help="GPU memory to plan for (GB)")
+    p.add_argument("--fraction", type=float, default=0.9, help="share of it to fill")
+    p.add_argument("--out", help="report folder (default OUTPUT_DIR/autotune)")
+    p.add_argument("--max-micro", type=int, default=256, help="largest micro-batch to consider")
+    p.add_argument("--no-cache", action="store_true", help="measure even if a result is cached")
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        default=0,
+        help="global batch to keep (default: the run config's)",
+    )
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher"
+    )
+    p.add_argument("overrides", nargs="*", help="key=value")
+    p.set_defaults(func=_autotune)
+
     p = sub.add_parser("evaluate", help="streaming inference + ProAssist/DST metrics")
     p.add_argument("model_dir", help="converted model folder (dst-train convert)")
     p.add_argument("--data", required=True, help="dataset root")
@@ -259,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sentence-transformers/all-mpnet-base-v2)",
     )
     p.add_argument("--max-context", type=int, default=4096, help="tokens before a refresh")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="decoding limit per turn (default: 1.25 x the longest val reference turn)",
+    )
+    p.add_argument("--max-clips", type=int, help="evaluate only the first N clips of the split")
     p.set_defaults(func=_evaluate)
     return parser
 

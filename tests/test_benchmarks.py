@@ -45,3 +45,15 @@ def test_loss_memory_smoke(tmp_path):
     assert {("cpu", "selective"), ("cpu", "full")} <= modes
     ratio = result["ratios"][0]
     assert ratio["device"] == "cpu" and ratio["full_over_selective_memory"] > 0
+
+
+def test_autotune_bench_smoke(tmp_path):
+    out = _run("autotune_bench.py", tmp_path)
+    assert "probes_ours_over_baseline" in out
+    result = json.loads((tmp_path / "autotune_bench_smoke.json").read_text())
+    ours, base = result["rows"]
+    assert ours["method"] == "ours" and base["method"] == "doubling"
+    assert ours["probes"] <= 4 and ours["probes"] < base["probes"]
+    assert ours["peak_over_limit"] <= 1.0 and base["peak_over_limit"] <= 1.0
+    assert ours["verify_oom"] is False
+    assert len(result["recorded_curve"]) >= 3

@@ -45,6 +45,9 @@ class SampleDataset(Dataset):
     def lengths(self) -> list[int]:
         return [len(s) for s in self.samples]
 
+    def num_frames(self, i: int) -> int:
+        return len(self.samples[i].frames)
+
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
         frames = self.source.load(s.frames_file, s.frames)

@@ -5,10 +5,11 @@ The task is built to be learnable by a tiny model from the pixels alone:
 * every action is a (verb, part) pair; a frame shows the part's colour with the verb's texture
   while the action is in progress, a noisy grey "idle" frame otherwise, and an instantaneous action
   is a single flashed frame;
-* the moment of every state change is visible in the frame where it happens: a bordered frame
-  (the "contact" of a hand with a part) — yellow when a substep begins, cyan when a step is
-  finished, white for any other change — so the model can learn *when* from one frame and *what*
-  from the frame's pattern and the tracked state;
+* the moment of every state change is visible in the frame where it happens, as coloured frame
+  edges (the "contact" of a hand with a part): right white for any change, top yellow when a
+  substep begins, bottom magenta when a substep is finished, left cyan when a step is finished
+  — so the model can learn *when* and *which kind* from one frame and *which node* from the
+  frame's pattern and the tracked state;
 * the assistant speaks when a substep starts (naming the substep and its first action), when a
   step is complete, and when the user asks what to do next — so speech is grounded in the tree;
 * half the videos use the ``STEP 1.2.3`` TSV style and half ``step S1.2.a``; some parent
@@ -44,7 +45,13 @@ PARTS = {  # part -> RGB colour
     "mirror": (20, 120, 120),
 }
 VERBS = ("align", "insert", "screw", "press", "clip")  # each has its own texture
-BORDERS = {"change": (255, 255, 255), "step": (0, 255, 255), "substep": (255, 255, 0)}
+# event -> (side of the frame, colour): a frame can show several events, one side each
+BORDERS = {
+    "change": ("right", (255, 255, 255)),  # any state change in this frame
+    "substep": ("top", (255, 255, 0)),  # a substep begins
+    "substep_done": ("bottom", (255, 0, 255)),  # a substep is finished
+    "step": ("left", (0, 255, 255)),  # a step is finished
+}
 VEHICLES = ("fire truck", "dump truck", "race car", "school bus", "tractor", "crane")
 STEP_NAMES = ("build the chassis", "build the body", "add the details", "finish the top")
 SYSTEM_PROMPT = (
@@ -90,7 +97,7 @@ class _Video:
     actions: list[_Action] = field(default_factory=list)
     conversation: list[dict] = field(default_factory=list)
     num_frames: int = 0
-    events: dict[int, str] = field(default_factory=dict)  # frame -> "substep" | "step" | "change"
+    events: dict[int, set[str]] = field(default_factory=dict)  # frame -> kinds (BORDERS keys)
 
 
 def _node_id(style: str, path: list[int]) -> str:
@@ -175,6 +182,7 @@ def make_video(rng: np.random.Generator, uid: str, style: str, spec: DemoSpec) -
                 _mark(video, int(act.end * fps), "change")
             first = sub_actions[0]
             _mark(video, first.first_frame, "substep")
+            _mark(video, int(sub_actions[-1].end * fps), "substep_done")
             say.setdefault(first.first_frame, []).append(
                 f"Now let's {sub_name}. Start to {first.verb} the {part}."
             )
@@ -197,14 +205,9 @@ def make_video(rng: np.random.Generator, uid: str, style: str, spec: DemoSpec) -
     return video
 
 
-_EVENT_RANK = {"change": 0, "step": 1, "substep": 2}
-
-
 def _mark(video: _Video, frame: int, kind: str) -> None:
-    """Record a visible event at ``frame``; a substep start outranks a step end, which outranks a
-    plain change."""
-    if _EVENT_RANK[kind] >= _EVENT_RANK.get(video.events.get(frame, "change"), 0):
-        video.events[frame] = kind
+    """Record a visible event at ``frame`` (every event also counts as a "change")."""
+    video.events.setdefault(frame, set()).update({kind, "change"})
 
 
 def _round(t: float | None) -> float | None:
@@ -279,10 +282,16 @@ def render_frames(video: _Video, spec: DemoSpec, rng: np.random.Generator):
             img[:] = PARTS[act.part]
             img[textures[act.verb]] *= 0.35  # dark texture over the part colour
             img += noise
-        if f in video.events:
-            b = max(size // 8, 1)
-            colour = BORDERS[video.events[f]]
-            img[:b], img[-b:], img[:, :b], img[:, -b:] = colour, colour, colour, colour
+        b = max(size // 8, 1)
+        sides = {
+            "top": (slice(0, b), slice(None)),
+            "bottom": (slice(-b, None), slice(None)),
+            "left": (slice(None), slice(0, b)),
+            "right": (slice(None), slice(-b, None)),
+        }
+        for kind in sorted(video.events.get(f, ())):
+            side, colour = BORDERS[kind]
+            img[sides[side]] = colour
         yield encode_frame(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)))
 
 

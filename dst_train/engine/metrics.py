@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -30,7 +31,12 @@ class MetricsLogger:
             self.path.unlink()  # a fresh run starts a fresh log; a resumed one appends
         self.fh = self.path.open("a")
         self.bar = tqdm(
-            total=total, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            total=total,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 15.0,  # a log file: a line per 15 s
         )
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

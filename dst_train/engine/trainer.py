@@ -121,8 +121,10 @@ def setup(cfg: RunConfig):
     )
     collate = make_collate(tokenizer.pad_token_id, bool(cfg.data.feature_cache))
     sampler = LengthGroupedSampler(train_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
+    # the train loader yields the samples of a micro-batch uncollated, so the OOM safety net can
+    # split them (collating is cheap padding; frames are decoded in the workers either way)
     loader = DataLoader(
-        train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers
+        train_ds, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers
     )
     val_sampler = LengthGroupedSampler(val_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
     val_loader = DataLoader(val_ds, batch_sampler=val_sampler, collate_fn=collate)
@@ -148,6 +150,7 @@ def setup(cfg: RunConfig):
         "hf_ds": hf_ds,
         "tokenizer": tokenizer,
         "processor": processor,
+        "collate": collate,
     }
 
 
@@ -220,21 +223,26 @@ def fit(cfg: RunConfig) -> dict:
         resumed=tag is not None,
     )
     stream = batches_forever(s["loader"], s["sampler"], state["epoch"], state["batch_in_epoch"])
-    guard = OverflowGuard(cfg.train.max_skipped_in_a_row, engine.skipped_steps)
-    engine.train()
     t = cfg.train
+    guard = OverflowGuard(t.max_skipped_in_a_row, engine.skipped_steps)
+    oom_net = MicroBatchRunner(
+        engine,
+        s["collate"],
+        device,
+        t.oom_retry,
+        t.micro_batch_size,
+        s["grad_accum"] * t.micro_batch_size * world,
+        rank,
+    )
+    engine.train()
     while state["step"] < t.max_steps:
         t0 = time.perf_counter()
-        sums = torch.zeros(len(LOSSES) + 2, dtype=torch.float64)  # losses…, tokens, samples
+        window = []  # this optimizer step's micro-batches (replayed if the safety net halves)
         for _ in range(s["grad_accum"]):
-            epoch, index, batch = next(stream)
-            out = engine(**to_device(batch, device))
-            engine.backward(out["loss"])
-            engine.step()
-            sums[: len(LOSSES)] += torch.tensor([out[k].item() for k in LOSSES])
-            sums[-2] += batch["attention_mask"].sum().item()
-            sums[-1] += batch["input_ids"].shape[0]
+            epoch, index, items = next(stream)
+            window.append(items)
             state.update(epoch=epoch, batch_in_epoch=index + 1)
+        sums = oom_net.run_window(window)  # losses…, tokens, samples
         state["step"] += 1
         guard.update(engine.skipped_steps, loss_scale(engine))
         sums = all_reduce_sum(sums, device)
@@ -250,6 +258,7 @@ def fit(cfg: RunConfig) -> dict:
                 samples_per_s=sums[-1].item() / dt,
                 step_time_s=dt,
                 peak_mem_gib=peak_memory_gib(device),
+                micro_batch=oom_net.micro // oom_net.chunks,
                 epoch=state["epoch"],
             )
             log.train(state["step"], row)
@@ -264,6 +273,63 @@ def fit(cfg: RunConfig) -> dict:
     checkpoint.save(engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier)
     log.close()
     return {"step": state["step"], **final}
+
+
+class MicroBatchRunner:
+    """Runs one optimizer step's micro-batches through the engine. With ``oom_retry``, a CUDA
+    out-of-memory error halves the micro-batch: each loader batch is then split in 2, 4, …
+    chunks, DeepSpeed's accumulation doubles so the global batch stays the same, and the step is
+    replayed from its first micro-batch (partial gradients are dropped)."""
+
+    def __init__(
+        self, engine, collate, device, oom_retry: bool, micro: int, global_batch: int, rank: int
+    ):
+        self.engine, self.collate, self.device = engine, collate, device
+        self.oom_retry, self.micro, self.global_batch = oom_retry, micro, global_batch
+        self.rank = rank
+        self.chunks = 1
+
+    def run_window(self, window: list[list]) -> torch.Tensor:
+        """Forward/backward/step over every micro-batch; returns summed losses, tokens, samples."""
+        start = self.engine.micro_steps
+        while True:
+            try:
+                return self._run(window)
+            except torch.OutOfMemoryError:
+                if not self.oom_retry or self.micro // (self.chunks * 2) < 1:
+                    raise
+                self._halve(start)
+
+    def _run(self, window: list[list]) -> torch.Tensor:
+        sums = torch.zeros(len(LOSSES) + 2, dtype=torch.float64)
+        for items in window:
+            size = math.ceil(len(items) / self.chunks)
+            for c in range(0, len(items), size):
+                batch = self.collate(items[c : c + size])
+                out = self.engine(**to_device(batch, self.device))
+                self.engine.backward(out["loss"])
+                self.engine.step()
+                sums[: len(LOSSES)] += torch.tensor([out[k].item() for k in LOSSES]) / self.chunks
+                sums[-2] += batch["attention_mask"].sum().item()
+                sums[-1] += batch["input_ids"].shape[0]
+        return sums
+
+    def _halve(self, window_start: int) -> None:
+        self.engine.zero_grad()
+        self.engine.micro_steps = window_start  # the accumulation boundary counts from here
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.chunks *= 2
+        new_micro = self.micro // self.chunks
+        self.engine.set_train_micro_batch_size(new_micro)
+        self.engine.set_train_batch_size(self.global_batch)
+        if self.rank == 0:
+            print(
+                f"out of memory: micro-batch {self.micro // (self.chunks // 2)} -> {new_micro}, "
+                f"accumulation {self.engine.gradient_accumulation_steps()} (global batch "
+                f"{self.global_batch} kept); replaying this step",
+                flush=True,
+            )
 
 
 def resume_tag(cfg: RunConfig, ckpt_dir: Path) -> tuple[Path, str] | None:

@@ -111,6 +111,7 @@ def run_split(
     frame_source,
     thresholds: dict,
     max_context: int,
+    max_new_tokens: int,
     trace_dir: Path | None,
 ) -> list[dict]:
     from dst_train.infer.stream import StreamingAssistant
@@ -122,6 +123,7 @@ def run_split(
         thresholds["speak"],
         thresholds["update"],
         max_context=max_context,
+        max_new_tokens=max_new_tokens,
     )
     videos = []
     for labels in tqdm(labels_list, desc="streaming", unit="video"):
@@ -174,6 +176,17 @@ def score(videos: list[dict], similarity, fps_tolerance_s: float = 1.0) -> dict:
     }
 
 
+def auto_max_new_tokens(tokenizer, labels_list) -> int:
+    """1.25 × the longest reference turn (response or DST text) of ``labels_list``, in tokens:
+    long enough for any right answer, and it bounds the cost of a model that never stops."""
+    texts = [t for lb in labels_list for ts in lb.responses.values() for t in ts]
+    texts += [t for lb in labels_list for t in lb.dst_updates.values()]
+    longest = max(
+        (len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts), default=48
+    )
+    return int(longest * 1.25) + 2
+
+
 def _changes(text: str) -> dict:
     try:
         return parse_transitions(text)
@@ -189,6 +202,8 @@ def evaluate(
     baseline: bool = False,
     embedding_model: str | None = None,
     max_context: int = 4096,
+    max_new_tokens: int | None = None,
+    max_clips: int | None = None,
     val_split: str = "val",
 ) -> dict:
     from dst_train.config import load_config
@@ -213,7 +228,10 @@ def evaluate(
     paths = DatasetPaths.from_root(data_root)
     cfg = load_config(None, [f"data.root={data_root}", f"model.arch={model_dir}"])
     cfg.data.max_seq_len = max_context
-    labels_list = load_split(data_root, split, cfg.data.span_policy)
+    labels_list = load_split(data_root, split, cfg.data.span_policy)[:max_clips]
+    max_new_tokens = max_new_tokens or auto_max_new_tokens(
+        tokenizer, load_split(data_root, val_split, cfg.data.span_policy)
+    )
     trees = {}
     for labels in labels_list:
         uid = labels.clip.video_uid
@@ -228,6 +246,7 @@ def evaluate(
         "videos": len({lb.clip.video_uid for lb in labels_list}),
         "clips": len(labels_list),
         "embedding_model": embedding_model,
+        "max_new_tokens": max_new_tokens,
     }
     for name, model in load_models(model_dir, baseline).items():
         model.eval()
@@ -252,6 +271,7 @@ def evaluate(
             source,
             thresholds,
             max_context,
+            max_new_tokens,
             out / "traces" if name == "model" else None,
         )
         scores = score(videos, similarity)

@@ -2,11 +2,11 @@
 
 Per-frame outputs: each frame has a generated text (or silence) and a reference text (or
 silence). Every generated turn is matched one-to-one (``min_weight_full_bipartite_matching``) to a
-frame whose reference lies within the window ``[lo, hi]`` seconds of it (reference time minus
-prediction time); cost = ``1 - |cos|`` of the two sentence embeddings (1 when the frame has no
-reference) + ``|i - j|**1.5 * 0.3 / rg**1.5`` (frames, ``rg`` = the window's larger side in frames).
-A generated turn matched to a silent frame, or to none, is redundant; a reference no generated
-turn took is missed. A match is correct when the semantic similarity exceeds 0.5.
+reference turn within the window ``[lo, hi]`` seconds of it (reference time minus prediction
+time); cost = ``1 - |cos|`` of the two sentence embeddings + ``|i - j|**1.5 * 0.3 / rg**1.5``
+(frames, ``rg`` = the window's larger side in frames); no edge outside the window. A generated
+turn left unmatched is redundant; a reference no generated turn took is missed. A match is
+correct when the semantic similarity exceeds 0.5.
 
     P = M / (M_all + R)    R = M / (M_all + Miss)    F1 = 2PR / (P + R)
     jaccard = M / (M_all + Miss + R)   missing = Miss / (M_all + Miss)   redundant = R / (M_all + R)
@@ -62,9 +62,10 @@ def match_turns(
     data, r_idx, c_idx = [], [], []
     for r, i in enumerate(rows):
         for j in range(max(0, i + lo), min(n, i + hi + 1)):
-            text_cost = 1.0 - abs(sims[(i, j)]) if ref[j] else 1.0
+            if not ref[j]:
+                continue  # only reference turns are matched; silence is no partner
             dist = DIST_FACTOR * abs(i - j) ** DIST_POWER / rg**DIST_POWER
-            data.append(text_cost + dist + 1e-9)  # explicit entries: a 0 cost must stay an edge
+            data.append(1.0 - abs(sims[(i, j)]) + dist + 1e-9)  # explicit: a 0 cost stays an edge
             r_idx.append(r)
             c_idx.append(j)
         data.append(NO_MATCH_COST)
@@ -75,7 +76,7 @@ def match_turns(
     taken = set()
     for r, c in zip(row_ind, col_ind, strict=True):
         i = rows[r]
-        if c < n and ref[c]:
+        if c < n:
             result.matched.append((i, int(c), float(sims[(i, int(c))])))
             taken.add(int(c))
         else:

@@ -42,6 +42,10 @@ class FrameTrace:
 class TransitionGrammar:
     """Prefix check for ``id=state; id=state`` over the ids of one tree (no id twice).
 
+    Any state may be named, backwards too: a model whose tracked state went wrong can put it
+    right (allowing forward changes only was measured to do worse on the demo). Hierarchical
+    validity is not enforced here: it is checked (and counted) after decoding, then repaired.
+
     Tokens do not respect the grammar's pieces (a token may hold ``";"`` and the next one
     ``" 1.2"``), so checks work on the decoded text, character by character in effect."""
 
@@ -49,6 +53,18 @@ class TransitionGrammar:
 
     def __init__(self, node_ids: list[str]):
         self.items = {f"{i}={s}" for i in node_ids for s in STATES}
+        self.alphabet = set(self.SEP).union(*self.items)
+        self._candidates: torch.Tensor | None = None
+
+    def candidates(self, token_text: list[str]) -> torch.Tensor:
+        """Ids of the tokens made only of the grammar's characters (the only ones that can ever
+        be allowed), computed once: each decoding step then checks tens of tokens, not the
+        whole vocabulary."""
+        if self._candidates is None:
+            self._candidates = torch.tensor(
+                [i for i, t in enumerate(token_text) if t and set(t) <= self.alphabet]
+            )
+        return self._candidates
 
     def _split(self, text: str) -> tuple[list[str], str] | None:
         """Complete items and the unfinished rest, or None if ``text`` cannot start a list."""
@@ -143,16 +159,17 @@ class StreamingAssistant:
         return self.tok.decode(out).strip(), last_hidden, cache
 
     def _constrained_pick(self, logits, text: str, grammar: TransitionGrammar) -> int:
-        order = torch.argsort(logits, descending=True).tolist()
-        for token in order:
-            if token == self.end_id:
-                if grammar.complete(text):
-                    return token
-                continue
-            piece = self.token_text[token]
-            if piece and grammar.prefix_ok(text + piece):
-                return token
-        return self.end_id  # nothing fits (cannot happen with a byte-level vocabulary)
+        """The most likely token that keeps ``text`` a valid prefix; the end token when the text
+        is complete and the model ranks it above that token."""
+        ids = grammar.candidates(self.token_text)
+        best = None
+        for idx in torch.argsort(logits[ids], descending=True).tolist():
+            if grammar.prefix_ok(text + self.token_text[int(ids[idx])]):
+                best = int(ids[idx])
+                break
+        if grammar.complete(text) and (best is None or logits[self.end_id] >= logits[best]):
+            return self.end_id
+        return self.end_id if best is None else best
 
     # ------------------------------------------------------------------ run
     @torch.no_grad()

@@ -16,9 +16,11 @@ TINY_IMAGE_SIZE = 32
 TINY_VOCAB = 1024
 
 
-def tiny_config(vocab_size: int = TINY_VOCAB, image_token_id: int = 3):
-    """LM hidden 64 × 2 layers, vision hidden 32 × 2 layers, image 32 / patch 8, scale 2 → 4 tokens
-    per image natively (~0.2 M parameters with a 1k vocabulary)."""
+def tiny_config(
+    vocab_size: int = TINY_VOCAB, image_token_id: int = 3, hidden: int = 64, layers: int = 2
+):
+    """LM ``hidden`` × ``layers`` (default 64 × 2), vision hidden 32 × 2 layers, image 32 / patch 8,
+    scale 2 → 4 tokens per image natively (~0.2 M parameters with a 1k vocabulary by default)."""
     from transformers import SmolVLMConfig
 
     return SmolVLMConfig(
@@ -27,11 +29,11 @@ def tiny_config(vocab_size: int = TINY_VOCAB, image_token_id: int = 3):
         tie_word_embeddings=False,
         text_config={
             "model_type": "llama",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": hidden // 16,
+            "num_key_value_heads": max(hidden // 32, 1),
             "vocab_size": vocab_size,
             "max_position_embeddings": 8192,
             "rms_norm_eps": 1e-5,
@@ -89,8 +91,10 @@ def image_processor(size: int = TINY_IMAGE_SIZE):
     )
 
 
-def make_tiny_model(out: str | Path, corpus: Iterable[str], seed: int = 0) -> Path:
-    """Write the tiny model folder; returns its path."""
+def make_tiny_model(
+    out: str | Path, corpus: Iterable[str], seed: int = 0, hidden: int = 64, layers: int = 2
+) -> Path:
+    """Write the tiny model folder (LM ``hidden`` × ``layers``); returns its path."""
     import torch
     from transformers import SmolVLMForConditionalGeneration
 
@@ -99,7 +103,9 @@ def make_tiny_model(out: str | Path, corpus: Iterable[str], seed: int = 0) -> Pa
     tokenizer = train_tokenizer(corpus)
     image_token_id = tokenizer.convert_tokens_to_ids(ChatFormat().image)
     torch.manual_seed(seed)
-    model = SmolVLMForConditionalGeneration(tiny_config(len(tokenizer), image_token_id))
+    model = SmolVLMForConditionalGeneration(
+        tiny_config(len(tokenizer), image_token_id, hidden, layers)
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     image_processor().save_pretrained(out)

@@ -27,7 +27,7 @@ cfg = load_config(
 found = {}
 s = setup(cfg)
 engine, device = s["engine"], s["device"]
-batch = to_device(next(iter(s["loader"])), device)
+batch = to_device(s["collate"](next(iter(s["loader"]))), device)
 for _ in range(2):
     engine.backward(engine(**batch)["loss"])
     engine.step()

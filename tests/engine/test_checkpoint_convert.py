@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,29 @@ def test_crash_mid_save_keeps_previous_checkpoint_and_convert_matches(
         assert diff < 1e-5, (key, diff)
     assert found["plain_transformers_params"] > 100_000
     assert {"peak_ram_gib", "seconds"} <= set(found["convert_report_keys"])
+
+
+def test_oom_safety_net_halves_the_micro_batch_and_keeps_the_global_batch(
+    demo_root, tiny_model_dir, tmp_path
+):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parent / "scenario_oom.py"),
+            str(demo_root),
+            str(tiny_model_dir),
+            str(tmp_path / "run"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "out of memory: micro-batch 2 -> 1, accumulation 4" in proc.stdout
+    r = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert r["oom_calls"] == 1  # once; then every step runs in chunks of one sample
+    assert r["micro_batches"] == [1, 1, 1, 1]
+    assert (r["micro_batch_size"], r["accumulation"], r["train_batch_size"]) == (1, 4, 4)
+    assert r["global_steps"] == 4  # 4 optimizer steps, none lost to the replay
+    assert all(math.isfinite(x) for x in r["losses"])

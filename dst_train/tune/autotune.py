@@ -1,0 +1,274 @@
+"""``dst-train autotune``: the largest micro-batch whose training steps peak at ≤ fraction × target.
+
+One process per GPU (launch it like training). Every rank builds the real DeepSpeed engine once
+(micro-batch 1, no accumulation) and probes micro-batch sizes on the *worst-case* sample of the
+train split (longest sequence, then most frames) repeated ``b`` times: each probe runs full steps
+(forward, backward, ``optimizer.step()``; two of them, so the optimizer state exists), reads the
+peak (:class:`~dst_train.tune.memory.PeakMemory`), and the ranks agree on the maximum.
+:func:`~dst_train.tune.search.search` picks the sizes. The engine is reused across probes, which
+is what makes this cheaper than relaunching a job per candidate.
+
+On a GPU bigger than the target, the target card is emulated: PyTorch's allocator is capped at
+the target share of the device and the dtype/attention are forced to fp16 + SDPA (a Turing
+card's kernels). Results are cached by everything that changes the answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from dst_train.config import RunConfig, save_config, to_dict
+from dst_train.tune.search import NothingFits, Probe, SearchResult, accumulation_for, search
+
+GiB = 2**30
+
+
+def worst_case_index(dataset) -> int:
+    """The sample with the longest sequence, ties broken by the number of frames."""
+    lengths = dataset.lengths()
+    frames = [dataset.num_frames(i) for i in range(len(dataset))]
+    return max(range(len(dataset)), key=lambda i: (lengths[i], frames[i]))
+
+
+class Prober:
+    """``prober(b)`` → :class:`Probe` for micro-batch ``b`` (max over ranks)."""
+
+    def __init__(self, engine, sample, collate, device, steps: int = 2):
+        self.engine, self.sample, self.collate = engine, sample, collate
+        self.device, self.steps = device, steps
+
+    def __call__(self, b: int) -> Probe:
+        from dst_train.engine.trainer import to_device
+        from dst_train.tune.memory import PeakMemory
+
+        batch = to_device(self.collate([self.sample] * b), self.device)
+        oom = False
+        t0 = time.perf_counter()
+        with PeakMemory(self.device) as mem:
+            try:
+                for _ in range(self.steps):
+                    out = self.engine(**batch)
+                    self.engine.backward(out["loss"])
+                    self.engine.step()
+                    del out
+            except torch.OutOfMemoryError:
+                oom = True
+        del batch
+        if oom:
+            self.engine.zero_grad()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        agreed = torch.tensor([float(mem.peak_bytes), float(oom)], device=self.device)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        return Probe(b, int(agreed[0]), time.perf_counter() - t0, oom=bool(agreed[1]))
+
+
+def cache_key(cfg: RunConfig, target_gb: float, fraction: float, world: int) -> str:
+    import deepspeed
+    import transformers
+
+    from dst_train.engine.ds_config import resolve_template_path
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        device = f"{p.name}/{p.total_memory}"
+    parts = {
+        "model": asdict(cfg.model),
+        "loss": asdict(cfg.loss),
+        "data": [cfg.data.root, cfg.data.max_seq_len, cfg.data.feature_cache],
+        "ds": resolve_template_path(cfg.train.ds_config).read_text(),
+        "device": device,
+        "world": world,
+        "target": target_gb,
+        "fraction": fraction,
+        "versions": [torch.__version__, deepspeed.__version__, transformers.__version__],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def emulate_target(cfg: RunConfig, target_bytes: int, local_rank: int) -> dict | None:
+    """Cap the allocator at the target card's size and force its kernels (fp16 + SDPA) when the
+    GPU is bigger than the target. Returns what was done, or None (CPU or a small GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(local_rank).total_memory
+    if total <= target_bytes:
+        return None
+    share = target_bytes / total
+    torch.cuda.set_per_process_memory_fraction(share, local_rank)
+    cfg.model.dtype, cfg.model.attention = "fp16", "sdpa"
+    return {"device_bytes": total, "allocator_share": share, "dtype": "fp16", "attention": "sdpa"}
+
+
+def refusal(cfg: RunConfig, world: int, limit: int, result: SearchResult) -> str:
+    """What does not fit, the model-state memory of every ZeRO strategy, and what to change."""
+    from dst_train.model.info import model_info
+
+    info = model_info(cfg.model, gpus=world)
+    rows = "\n".join(
+        f"  {r['strategy']:<16} {r['gpu_gib']:8.2f} GiB/GPU  {r['cpu_gib']:8.2f} GiB CPU"
+        for r in info["memory"]
+    )
+    p = result.probes[0]
+    need = "out of memory" if p.oom else f"{p.peak_bytes / GiB:.2f} GiB"
+    return (
+        f"micro-batch 1 does not fit: {need} > limit {limit / GiB:.2f} GiB per GPU.\n"
+        f"Model states alone per GPU ({world} GPUs, fp16 + Adam, no activations):\n{rows}\n"
+        "Try: a ZeRO stage with a smaller number above (train.ds_config=ds_configs/zero3.json "
+        "or the *_offload.json ones), model.gradient_checkpointing=true, "
+        "model.freeze_vision=true with data.feature_cache, model.lora=true, or a smaller "
+        "data.max_seq_len."
+    )
+
+
+def autotune(
+    cfg: RunConfig,
+    target_gb: float = 24.0,
+    fraction: float = 0.9,
+    out: str | Path | None = None,
+    max_micro: int = 256,
+    use_cache: bool = True,
+    cache_dir: str | Path | None = None,
+    global_batch: int = 0,
+) -> dict:
+    """Run the search; rank 0 writes ``OUT/{autotune.json, autotune.md, tuned.yaml,
+    ds_config.json}``. Returns the report (every rank)."""
+    import os
+
+    from dst_train.data.collate import make_collate
+    from dst_train.engine.trainer import init_distributed, setup
+
+    t0 = time.perf_counter()
+    target = int(target_gb * GiB)
+    limit = int(fraction * target)
+    out = Path(out or Path(cfg.output_dir) / "autotune")
+    cache_dir = Path(cache_dir or Path.home() / ".cache" / "dst-train" / "autotune")
+    rank, world, device = init_distributed(cfg)
+    emulated = emulate_target(cfg, target, int(os.environ.get("LOCAL_RANK", 0)))
+    key = cache_key(cfg, target_gb, fraction, world)
+    cached = cache_dir / f"{key}.json"
+    if use_cache and cached.is_file():
+        report = json.loads(cached.read_text())
+        report["from_cache"] = str(cached)
+        _write(report, cfg, out, rank)
+        return report
+    global_batch = (
+        global_batch
+        or cfg.train.global_batch_size
+        or (cfg.train.micro_batch_size * cfg.grad_accum(world) * world)
+    )
+    probe_cfg = copy.deepcopy(cfg)
+    probe_cfg.train.micro_batch_size, probe_cfg.train.grad_accum = 1, 1
+    probe_cfg.train.global_batch_size = 0
+    s = setup(probe_cfg)
+    ds = s["train_ds"]
+    worst = worst_case_index(ds)
+    prober = Prober(
+        s["engine"],
+        ds[worst],
+        make_collate(s["tokenizer"].pad_token_id, bool(cfg.data.feature_cache)),
+        device,
+    )
+    report = {
+        "target_gb": target_gb,
+        "fraction": fraction,
+        "limit_bytes": limit,
+        "world": world,
+        "device": _device_name(device),
+        "emulated": emulated,
+        "cache_key": key,
+        "worst_case": {
+            "index": worst,
+            "tokens": ds.lengths()[worst],
+            "frames": ds.num_frames(worst),
+        },
+        "global_batch": global_batch,
+    }
+    try:
+        result = search(prober, limit, max_micro=max_micro)
+    except NothingFits as err:
+        report.update(
+            error=refusal(cfg, world, limit, err.result),
+            probes=[asdict(p) for p in err.result.probes],
+        )
+        _write(report, cfg, out, rank)
+        raise SystemExit(report["error"]) from None
+    micro, accum = accumulation_for(global_batch, result.micro_batch, world)
+    report.update(
+        result.to_dict(),
+        micro_batch=micro,
+        searched_micro_batch=result.micro_batch,
+        grad_accum=accum,
+        seconds=time.perf_counter() - t0,
+    )
+    report["probes"] = [asdict(p) for p in result.probes]
+    _write(report, cfg, out, rank)
+    if rank == 0 and use_cache:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def tuned_config(cfg: RunConfig, report: dict) -> RunConfig:
+    tuned = copy.deepcopy(cfg)
+    tuned.train.micro_batch_size = report["micro_batch"]
+    tuned.train.grad_accum = report["grad_accum"]
+    tuned.train.global_batch_size = report["global_batch"]
+    return tuned
+
+
+def table(report: dict) -> str:
+    lines = [
+        "| micro-batch | predicted GiB | measured GiB | fits | seconds |",
+        "|---:|---:|---:|:---:|---:|",
+    ]
+    for p in report.get("probes", []):
+        pred = "" if p.get("predicted_bytes") is None else f"{p['predicted_bytes'] / GiB:.2f}"
+        meas = "OOM" if p["oom"] else f"{p['peak_bytes'] / GiB:.2f}"
+        fits = "yes" if not p["oom"] and p["peak_bytes"] <= report["limit_bytes"] else "no"
+        lines.append(f"| {p['micro_batch']} | {pred} | {meas} | {fits} | {p['seconds']:.1f} |")
+    if "micro_batch" in report:
+        lines.append("")
+        lines.append(
+            f"largest micro-batch that fits: {report['searched_micro_batch']} (peak "
+            f"{report['peak_bytes'] / GiB:.2f} GiB of limit {report['limit_bytes'] / GiB:.2f} GiB"
+            f" = {report['fraction']:.0%} of {report['target_gb']} GB); "
+            f"{len(report['probes'])} probes, {report.get('seconds', 0):.0f} s"
+        )
+        lines.append(
+            f"tuned: micro-batch {report['micro_batch']} × {report['world']} GPUs × accumulation "
+            f"{report['grad_accum']} = global batch {report['global_batch']} (kept)"
+        )
+    return "\n".join(lines)
+
+
+def _write(report: dict, cfg: RunConfig, out: Path, rank: int) -> None:
+    if rank != 0:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "autotune.json").write_text(json.dumps(report, indent=2))
+    (out / "autotune.md").write_text(f"# Autotune ({report['device']})\n\n{table(report)}\n")
+    if "micro_batch" in report:
+        tuned = tuned_config(cfg, report)
+        save_config(tuned, out / "tuned.yaml")
+        (out / "tuned.yaml").write_text(
+            f"# written by dst-train autotune (cache key {report['cache_key']})\n"
+            + yaml.safe_dump(to_dict(tuned), sort_keys=False)
+        )

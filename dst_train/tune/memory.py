@@ -1,0 +1,77 @@
+"""Peak memory of a block of work: the CUDA allocator's peaks plus what NVML sees outside them
+(CUDA context, NCCL buffers), or the process RSS on CPU (sampled by a thread)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+
+
+def nvml_process_bytes(device_index: int) -> int | None:
+    """GPU memory NVML attributes to this process (None when NVML or the process entry is
+    missing, e.g. inside some containers)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid() and proc.usedGpuMemory:
+                return int(proc.usedGpuMemory)
+    except Exception:  # noqa: BLE001 — NVML is an extra source, never a reason to fail
+        return None
+    return None
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as m: ...`` then ``m.peak_bytes`` (and the parts in
+    ``m.detail``). GPU: ``max_memory_reserved`` + (NVML process usage − reserved now), so the
+    context and communication buffers count. CPU: peak RSS sampled every ``interval`` s."""
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device = device
+        self.interval = interval
+        self.peak_bytes = 0
+        self.detail: dict = {}
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import psutil
+
+            self._proc = psutil.Process()
+            self._stop = threading.Event()
+            self._rss = self._proc.memory_info().rss
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._rss = max(self._rss, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            reserved_peak = torch.cuda.max_memory_reserved(self.device)
+            nvml = nvml_process_bytes(self.device.index or 0)
+            outside = max(0, nvml - torch.cuda.memory_reserved(self.device)) if nvml else 0
+            self.peak_bytes = reserved_peak + outside
+            self.detail = {
+                "allocated_peak": torch.cuda.max_memory_allocated(self.device),
+                "reserved_peak": reserved_peak,
+                "nvml_process": nvml,
+                "outside_allocator": outside,
+            }
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = self._rss
+            self.detail = {"rss_peak": self._rss}
+        return False

@@ -1,0 +1,102 @@
+"""Streaming inference with the tiny model: the KV-cache loop equals one full forward pass,
+context refresh happens near the limit, and the tracked state is always a valid tree."""
+
+import pytest
+import torch
+
+from dst_train.data.dataset import DatasetPaths, dst_path, load_split
+from dst_train.data.dst_tree import check_state, load_dst_tsv
+from dst_train.data.sequence import SequenceBuilder
+from dst_train.infer.stream import StreamingAssistant
+from dst_train.model.backbone import load_image_processor, load_tokenizer
+from dst_train.model.build import Precision, build_model
+from dst_train.model.frames import FramePixels
+from tests.conftest import tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def setup(demo_root, tiny_model_dir):
+    cfg = tiny_run_config(demo_root, tiny_model_dir)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa")).eval()
+    tok = load_tokenizer(cfg.model.arch)
+    source = FramePixels(demo_root, load_image_processor(cfg.model.arch))
+    labels = load_split(demo_root, "train", cfg.data.span_policy)[0]
+    uid = labels.clip.video_uid
+    tree = load_dst_tsv(dst_path(DatasetPaths.from_root(demo_root).dst_dir, uid))
+    builder = SequenceBuilder(
+        tok,
+        model.backbone.chat,
+        model.backbone.image_token_id,
+        model.backbone.tokens_per_frame,
+        4096,
+    )
+
+    def frames(ids):
+        return {"pixel_values": source.load(labels.clip.frames_file, ids)}
+
+    return model, tok, builder, labels, tree, frames
+
+
+def _assistant(setup, **kw):
+    model, tok, builder, *_ = setup
+    return StreamingAssistant(model, tok, builder, frame_batch=7, **kw)
+
+
+def test_cached_streaming_equals_one_full_forward(setup):
+    model, tok, builder, labels, tree, frames = setup
+    traces = _assistant(setup, speak_threshold=2.0, update_threshold=2.0).run(labels, tree, frames)
+    n = labels.clip.end_frame_idx - labels.clip.start_frame_idx
+    assert [t.frame for t in traces] == list(
+        range(labels.clip.start_frame_idx, labels.clip.end_frame_idx)
+    )
+    assert not any(t.response or t.dst_text for t in traces)
+    # the same sequence in one pass: system prompt, then each frame and the user turns after it
+    instruction = next(t.content for t in labels.clip.conversation if t.role == "system")
+    users = {}
+    for seg in labels.segments:
+        if seg.kind == "user" and seg.frame is not None:
+            users.setdefault(seg.frame, []).append(seg.text)
+    with torch.no_grad():
+        emb = model.frame_embeddings(**frames([t.frame for t in traces]))
+        parts, last = (
+            [
+                model.backbone.embed_tokens(
+                    torch.tensor([builder.system_ids(instruction, tree, labels.initial_state)])
+                )[0]
+            ],
+            [],
+        )
+        for i, t in enumerate(traces):
+            parts.append(emb[i])
+            last.append(sum(len(p) for p in parts) - 1)
+            for text in users.get(t.frame, []):
+                ids, _, _ = builder.turn_ids("user", text)
+                parts.append(model.backbone.embed_tokens(torch.tensor([ids]))[0])
+        hidden, _ = model.backbone.decode(torch.cat(parts)[None])
+        speak = torch.sigmoid(model.speak_head(hidden[0, last])).squeeze(-1)
+    assert len(last) == n
+    assert torch.allclose(speak, torch.tensor([t.speak_prob for t in traces]), atol=1e-4)
+
+
+def test_forced_decoding_refreshes_the_context_and_keeps_a_valid_state(setup):
+    *_, labels, tree, frames = setup
+    assistant = _assistant(
+        setup, speak_threshold=-1.0, update_threshold=-1.0, max_context=200, max_new_tokens=8
+    )
+    traces = assistant.run(labels, tree, frames)
+    assert traces[0].refreshed and sum(t.refreshed for t in traces) >= 2
+    assert all(t.dst_valid is not None for t in traces)  # an update decoded at every frame
+    for t in traces:
+        assert check_state(tree, t.state) == [], t
+        assert set(t.state) == set(tree.order)
+    assert any(t.repaired for t in traces) or all(t.dst_valid for t in traces)
+
+
+def test_without_a_tree_only_speech_is_decoded(setup):
+    *_, labels, _tree, frames = setup
+    traces = _assistant(setup, speak_threshold=-1.0, update_threshold=-1.0, max_new_tokens=4).run(
+        labels, None, frames
+    )
+    assert all(t.dst_valid is None and t.state == {} for t in traces)
+    assert all(isinstance(t.response, str) for t in traces)

@@ -1,0 +1,54 @@
+"""``dst-train autotune`` end to end on CPU (one process, the real DeepSpeed engine)."""
+
+import subprocess
+import sys
+
+import yaml
+
+from tests.engine.helpers import REPO
+
+
+def _autotune(demo_root, tiny_model_dir, tmp_path, *args):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dst_train.cli",
+            "autotune",
+            "--config",
+            str(REPO / "launch/configs/demo.yaml"),
+            f"data.root={demo_root}",
+            f"model.arch={tiny_model_dir}",
+            f"output_dir={tmp_path / 'run'}",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=8",
+            "--out",
+            str(tmp_path / "at"),
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_autotune_writes_a_tuned_config_that_keeps_the_global_batch(
+    demo_root, tiny_model_dir, tmp_path
+):
+    cache = ["--max-micro", "8"]
+    proc = _autotune(demo_root, tiny_model_dir, tmp_path, "--target-gb", "64", "--no-cache", *cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "largest micro-batch that fits: 8" in proc.stdout  # 64 GB: everything up to the cap
+    tuned = yaml.safe_load((tmp_path / "at/tuned.yaml").read_text())["train"]
+    assert tuned["micro_batch_size"] == 8 and tuned["grad_accum"] == 1
+    assert tuned["global_batch_size"] == 8
+    report = (tmp_path / "at/autotune.md").read_text()
+    assert "| 1 |" in report and "| 2 |" in report and "| 8 |" in report
+
+
+def test_autotune_refuses_clearly_when_nothing_fits(demo_root, tiny_model_dir, tmp_path):
+    proc = _autotune(demo_root, tiny_model_dir, tmp_path, "--target-gb", "0.01", "--no-cache")
+    assert proc.returncode == 3
+    assert "micro-batch 1 does not fit" in proc.stderr
+    assert "zero3+offload" in proc.stderr and "gradient_checkpointing" in proc.stderr

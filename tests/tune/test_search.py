@@ -1,0 +1,126 @@
+"""The micro-batch search on synthetic memory curves: linear, with a jump, noisy, nothing fits."""
+
+import numpy as np
+import pytest
+
+from dst_train.tune.search import NothingFits, Probe, accumulation_for, doubling_search, search
+
+GiB = 2**30
+LIMIT = int(0.9 * 24 * GiB)
+
+
+def curve(peak_of, oom_above=None):
+    """A measure() over a peak-memory function; sizes past ``oom_above`` raise OOM."""
+
+    def measure(b):
+        if oom_above is not None and b > oom_above:
+            return Probe(b, 0, 1.0, oom=True)
+        return Probe(b, int(peak_of(b)), 1.0)
+
+    return measure
+
+
+def linear(fixed, per):
+    return lambda b: fixed + per * b
+
+
+def jump(fixed, per, at, extra):
+    return lambda b: fixed + per * b + (extra if b >= at else 0)
+
+
+def noisy(fixed, per, rel, seed):
+    rng = np.random.default_rng(seed)
+    cache = {}
+    return lambda b: cache.setdefault(b, (fixed + per * b) * (1 + rng.uniform(-rel, rel)))
+
+
+def check(result, peak_of):
+    assert result.micro_batch >= 1
+    assert int(peak_of(result.micro_batch)) <= LIMIT  # never a size whose real peak is over
+    assert all(p.micro_batch != result.micro_batch or not p.oom for p in result.probes)
+
+
+@pytest.mark.parametrize(
+    "fixed,per",
+    [(16 * GiB, 0.4 * GiB), (5 * GiB, 0.05 * GiB), (2 * GiB, 1.3 * GiB), (21 * GiB, 0.25 * GiB)],
+)
+def test_linear_curve_takes_at_most_four_probes_and_finds_the_optimum(fixed, per):
+    peak = linear(fixed, per)
+    r = search(curve(peak), LIMIT)
+    check(r, peak)
+    assert len(r.probes) <= 4
+    assert r.micro_batch == max(b for b in range(1, 2000) if int(peak(b)) <= LIMIT)
+    assert r.per_sample_bytes == pytest.approx(per, rel=1e-6)
+
+
+def test_jump_in_the_curve_is_never_picked():
+    peak = jump(10 * GiB, 0.5 * GiB, at=12, extra=6 * GiB)  # e.g. an algorithm switch at 12
+    r = search(curve(peak), LIMIT)
+    check(r, peak)
+    assert r.micro_batch == 11  # below the jump: 15.5 GiB; 12 would be 22 GiB
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_noisy_curve_never_goes_over(seed):
+    peak = noisy(12 * GiB, 0.3 * GiB, 0.03, seed)
+    r = search(curve(peak), LIMIT)
+    check(r, peak)
+    best_possible = max(b for b in range(1, 100) if peak(b) <= LIMIT)
+    assert r.micro_batch >= 0.85 * best_possible  # noise costs a little, never an overshoot
+
+
+def test_oom_probes_are_upper_bounds():
+    peak = linear(8 * GiB, 0.5 * GiB)
+    r = search(curve(peak, oom_above=10), LIMIT)  # the allocator fails before the line says
+    check(r, peak)
+    assert r.micro_batch == 10
+
+
+def test_nothing_fits():
+    with pytest.raises(NothingFits) as err:
+        search(curve(linear(23 * GiB, 1 * GiB)), LIMIT)
+    assert len(err.value.result.probes) == 1
+    with pytest.raises(NothingFits):
+        search(curve(linear(1 * GiB, 1 * GiB), oom_above=0), LIMIT)
+
+
+def test_max_micro_caps_the_answer():
+    r = search(curve(linear(1 * GiB, 0.01 * GiB)), LIMIT, max_micro=16)
+    assert r.micro_batch == 16
+
+
+def test_recorded_cpu_curve():
+    """Peaks recorded from the tiny model on CPU (benchmarks/results/autotune_bench_smoke.json)."""
+    import json
+    from pathlib import Path
+
+    rec = json.loads(
+        (Path(__file__).parents[2] / "benchmarks/results/autotune_bench_smoke.json").read_text()
+    )["recorded_curve"]
+    table = {int(b): v for b, v in rec.items()}
+    limit = sorted(table.values())[len(table) // 2]  # a limit inside the recorded range
+    sizes = sorted(table)
+
+    def peak(b):  # measured sizes as recorded, the others interpolated between them
+        return table.get(b) or np.interp(b, sizes, [table[x] for x in sizes])
+
+    r = search(curve(peak), limit, max_micro=max(table))
+    assert peak(r.micro_batch) <= limit
+
+
+def test_doubling_baseline_finds_the_same_size_with_more_probes():
+    peak = linear(16 * GiB, 0.4 * GiB)
+    ours, base = search(curve(peak), LIMIT), doubling_search(curve(peak), LIMIT)
+    assert ours.micro_batch == base.micro_batch
+    assert len(ours.probes) < len(base.probes)
+
+
+def test_accumulation_keeps_the_global_batch():
+    assert accumulation_for(64, 7, 2) == (4, 8)  # 7 does not divide 32: 4 does
+    assert accumulation_for(64, 32, 2) == (32, 1)
+    assert accumulation_for(64, 100, 2) == (32, 1)
+    for micro in range(1, 40):
+        m, acc = accumulation_for(96, micro, 2)
+        assert m <= micro and m * acc * 2 == 96
+    with pytest.raises(ValueError):
+        accumulation_for(63, 4, 2)
