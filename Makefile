@@ -34,7 +34,8 @@ demo: $(STAMP)
 	  --config launch/configs/demo.yaml data.root=$(OUT)/data model.arch=$(OUT)/tiny-model \
 	  output_dir=$(OUT) seed=$(SEED)
 	$(VENV)/bin/dst-train convert $(OUT)/checkpoints $(OUT)/hf
-	$(VENV)/bin/dst-train evaluate $(OUT)/hf --data $(OUT)/data --out $(OUT)/eval --baseline
+	$(VENV)/bin/dst-train evaluate $(OUT)/hf --data $(OUT)/data --out $(OUT)/eval --baseline \
+	  --baseline-clips 2
 	@echo "demo done: data $(OUT)/data | checkpoints $(OUT)/checkpoints | model $(OUT)/hf |" \
 	  "metrics $(OUT)/metrics.jsonl, $(OUT)/loss_curve.png | evaluation $(OUT)/eval/report.md"
 

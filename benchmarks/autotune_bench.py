@@ -138,6 +138,19 @@ def smoke_overrides(tmp: Path) -> list[str]:
     ]
 
 
+def gpu_overrides(data: str, arch: str, tmp: Path) -> list[str]:
+    """A real architecture with random weights, the 2.2B recipe's memory options."""
+    return [
+        f"data.root={data}",
+        f"model.arch={arch}",
+        "model.pretrained=false",
+        "model.gradient_checkpointing=true",
+        "model.freeze_vision=true",
+        f"output_dir={tmp / 'run'}",
+        "train.tensorboard=false",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
@@ -162,15 +175,7 @@ def main() -> None:
             limit = calibrate(overrides, args.target_gb)
             verify, max_micro = 3, 64
         else:
-            overrides = [
-                f"data.root={args.data}",
-                f"model.arch={args.arch}",
-                "model.pretrained=false",
-                "model.gradient_checkpointing=true",
-                "model.freeze_vision=true",
-                f"output_dir={tmp}/run",
-                "train.tensorboard=false",
-            ]
+            overrides = gpu_overrides(args.data, args.arch, Path(tmp))
             limit = int(args.fraction * args.target_gb * GiB)
             verify, max_micro = args.verify_steps, args.max_micro
         runs = [

@@ -112,14 +112,22 @@ def _cache_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _run_config(args: argparse.Namespace):
+    """The run config of ``--config`` + overrides, or None after printing why it is unusable."""
     from dst_train.config import ConfigError, load_config
-    from dst_train.engine.trainer import TrainingStopped, fit
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dst_train.engine.trainer import TrainingStopped, fit
+
+    cfg = _run_config(args)
+    if cfg is None:
         return 2
     try:
         fit(cfg)
@@ -132,13 +140,10 @@ def _train(args: argparse.Namespace) -> int:
 def _autotune(args: argparse.Namespace) -> int:
     import torch
 
-    from dst_train.config import ConfigError, load_config
     from dst_train.tune.autotune import autotune, table
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg = _run_config(args)
+    if cfg is None:
         return 2
     try:
         report = autotune(
@@ -188,6 +193,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         max_context=args.max_context,
         max_new_tokens=args.max_new_tokens,
         max_clips=args.max_clips,
+        baseline_clips=args.baseline_clips,
     )
     print(table(report))
     print(f"\nreport: {Path(args.out or Path(args.model_dir).parent / 'eval') / 'report.json'}")
@@ -324,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoding limit per turn (default: 1.25 x the longest val reference turn)",
     )
     p.add_argument("--max-clips", type=int, help="evaluate only the first N clips of the split")
+    p.add_argument(
+        "--baseline-clips",
+        type=int,
+        help="run the (slow) untrained baseline on the first N clips only; the trained model "
+        "is then also scored on those N clips",
+    )
     p.set_defaults(func=_evaluate)
     return parser
 

@@ -57,3 +57,15 @@ def test_autotune_bench_smoke(tmp_path):
     assert ours["peak_over_limit"] <= 1.0 and base["peak_over_limit"] <= 1.0
     assert ours["verify_oom"] is False
     assert len(result["recorded_curve"]) >= 3
+
+
+def test_throughput_smoke(tmp_path):
+    out = _run("throughput.py", tmp_path)
+    assert "tokens_per_s_ours_over_hf" in out
+    result = json.loads((tmp_path / "throughput_smoke.json").read_text())
+    ours, hf = result["rows"]
+    assert (ours["stack"], hf["stack"]) == ("ours", "hf")
+    for row in (ours, hf):
+        assert row["tokens_per_s"] > 0 and row["samples_per_s"] > 0 and row["peak_gib"] > 0
+        assert 1 <= row["largest_micro_batch"] <= 4
+    assert ours["trainable"] == hf["trainable"]  # the same model under both stacks

@@ -79,6 +79,21 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
 def setup(cfg: RunConfig):
     """Everything the loop needs, built in a fixed order; returns a namespace-like dict."""
     import deepspeed
+
+    s = prepare(cfg)
+    t = cfg.train
+    s["engine"], _, _, _ = deepspeed.initialize(
+        model=s["model"],
+        model_parameters=param_groups(s["model"], t.weight_decay),
+        config=s["ds_config"],
+        lr_scheduler=lambda opt: lr_schedule(opt, t.warmup_steps, t.max_steps, t.min_lr_ratio),
+    )
+    return s
+
+
+def prepare(cfg: RunConfig):
+    """Distributed init, resolved DeepSpeed config, model, datasets and loaders — everything but
+    the engine (a benchmark hands the same pieces to another training stack)."""
     from torch.utils.data import DataLoader
 
     from dst_train.data.collate import LengthGroupedSampler, make_collate
@@ -128,17 +143,10 @@ def setup(cfg: RunConfig):
     )
     val_sampler = LengthGroupedSampler(val_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
     val_loader = DataLoader(val_ds, batch_sampler=val_sampler, collate_fn=collate)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, t.weight_decay),
-        config=ds_config,
-        lr_scheduler=lambda opt: lr_schedule(opt, t.warmup_steps, t.max_steps, t.min_lr_ratio),
-    )
     return {
         "rank": rank,
         "world": world,
         "device": device,
-        "engine": engine,
         "model": model,
         "precision": precision,
         "ds_config": ds_config,

@@ -187,6 +187,13 @@ def auto_max_new_tokens(tokenizer, labels_list) -> int:
     return int(longest * 1.25) + 2
 
 
+def _flat(scores: dict) -> dict:
+    """The report's keys first, then every other number ``score`` gave."""
+    return {k: scores.get(k) for k in REPORT_KEYS} | {
+        k: v for k, v in scores.items() if k not in REPORT_KEYS
+    }
+
+
 def _changes(text: str) -> dict:
     try:
         return parse_transitions(text)
@@ -204,6 +211,7 @@ def evaluate(
     max_context: int = 4096,
     max_new_tokens: int | None = None,
     max_clips: int | None = None,
+    baseline_clips: int | None = None,
     val_split: str = "val",
 ) -> dict:
     from dst_train.config import load_config
@@ -229,6 +237,9 @@ def evaluate(
     cfg = load_config(None, [f"data.root={data_root}", f"model.arch={model_dir}"])
     cfg.data.max_seq_len = max_context
     labels_list = load_split(data_root, split, cfg.data.span_policy)[:max_clips]
+    # an untrained model speaks and updates at almost every frame, each time up to
+    # max_new_tokens: it is by far the slowest row, so it may run on the first clips only
+    baseline_clips = min(baseline_clips or len(labels_list), len(labels_list))
     max_new_tokens = max_new_tokens or auto_max_new_tokens(
         tokenizer, load_split(data_root, val_split, cfg.data.span_policy)
     )
@@ -247,6 +258,7 @@ def evaluate(
         "clips": len(labels_list),
         "embedding_model": embedding_model,
         "max_new_tokens": max_new_tokens,
+        "baseline_clips": baseline_clips if baseline else None,
     }
     for name, model in load_models(model_dir, baseline).items():
         model.eval()
@@ -266,7 +278,7 @@ def evaluate(
             model,
             tokenizer,
             builder,
-            labels_list,
+            labels_list if name == "model" else labels_list[:baseline_clips],
             trees,
             source,
             thresholds,
@@ -274,11 +286,11 @@ def evaluate(
             max_new_tokens,
             out / "traces" if name == "model" else None,
         )
-        scores = score(videos, similarity)
         key = "metrics" if name == "model" else "baseline_metrics"
-        report[key] = {k: scores.get(k) for k in REPORT_KEYS} | {
-            k: v for k, v in scores.items() if k not in REPORT_KEYS
-        }
+        report[key] = _flat(score(videos, similarity))
+        if name == "model" and baseline and baseline_clips < len(labels_list):
+            # the trained model on exactly the baseline's clips: the like-for-like comparison
+            report["metrics_on_baseline_clips"] = _flat(score(videos[:baseline_clips], similarity))
         report[f"{name}_thresholds"] = thresholds
         report[f"{name}_threshold_curves"] = curves
         if name == "model":

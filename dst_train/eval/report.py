@@ -28,8 +28,12 @@ ROWS = (
 
 def table(report: dict) -> str:
     cols = [("trained", report.get("metrics", {}))]
+    n = report.get("baseline_clips")
+    if "metrics_on_baseline_clips" in report:
+        cols.append((f"trained, first {n} clips", report["metrics_on_baseline_clips"]))
     if "baseline_metrics" in report:
-        cols.append(("untrained baseline", report["baseline_metrics"]))
+        label = "untrained baseline" + (f", first {n} clips" if len(cols) > 1 else "")
+        cols.append((label, report["baseline_metrics"]))
     head = "| metric | " + " | ".join(name for name, _ in cols) + " |"
     lines = [head, "|---|" + "---:|" * len(cols)]
     for key in ROWS:

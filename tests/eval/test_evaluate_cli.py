@@ -1,0 +1,59 @@
+"""``dst-train evaluate`` end to end on a (random) tiny model folder: report, table, plots."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from dst_train.eval.evaluate import REPORT_KEYS
+from dst_train.model.backbone import load_image_processor, load_tokenizer
+from dst_train.model.build import Precision, build_model
+from tests.conftest import tiny_run_config
+from tests.engine.helpers import REPO
+
+
+def test_evaluate_writes_the_report_with_a_baseline_row(demo_root, tiny_model_dir, tmp_path):
+    cfg = tiny_run_config(demo_root, tiny_model_dir)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa"))
+    folder = tmp_path / "hf"
+    model.backbone.hf.save_pretrained(folder)  # a folder laid out like `dst-train convert`'s
+    model.save_heads(folder)
+    load_tokenizer(cfg.model.arch).save_pretrained(folder)
+    load_image_processor(cfg.model.arch).save_pretrained(folder)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dst_train.cli",
+            "evaluate",
+            str(folder),
+            "--data",
+            str(demo_root),
+            "--out",
+            str(tmp_path / "eval"),
+            "--baseline",
+            "--max-new-tokens",
+            "4",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| speak_f1 |" in proc.stdout and "untrained baseline" in proc.stdout
+    report = json.loads((tmp_path / "eval/report.json").read_text())
+    for key in ("metrics", "baseline_metrics"):
+        assert set(REPORT_KEYS) <= set(report[key])
+        assert all(report[key][k] is None or 0 <= report[key][k] for k in REPORT_KEYS)
+    assert report["max_new_tokens"] == 4
+    assert 0 < report["model_thresholds"]["speak"] < 1
+    traces = list((tmp_path / "eval/traces").glob("*.jsonl"))
+    assert len(traces) == report["clips"]
+    first = json.loads(traces[0].read_text().splitlines()[0])
+    assert {"frame", "speak_prob", "update_prob", "response", "dst_text", "state"} <= set(first)
+    for png in ("timeline.png", "threshold_curves.png"):
+        assert (tmp_path / "eval" / png).stat().st_size > 1000
+    assert "| metric |" in (tmp_path / "eval/report.md").read_text()
