@@ -20,25 +20,10 @@ from tqdm import tqdm
 
 from dst_train.data.dst_tree import parse_transitions
 from dst_train.eval.dst_metrics import dst_scores
+from dst_train.eval.report import REPORT_KEYS
 from dst_train.eval.speaking import SentenceSimilarity, match_turns, speaking_scores
 from dst_train.eval.text_metrics import caption_scores
 
-REPORT_KEYS = (
-    "speak_f1",
-    "speak_precision",
-    "speak_recall",
-    "jaccard",
-    "missing_rate",
-    "redundant_rate",
-    "bleu4",
-    "meteor",
-    "cider",
-    "semantic_similarity",
-    "dst_state_accuracy",
-    "update_f1",
-    "transition_accuracy",
-    "valid_dst_ratio",
-)
 THRESHOLDS = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
 
 

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from dst_train.eval.evaluate import REPORT_KEYS
+from dst_train.eval.report import REPORT_KEYS
 from dst_train.model.backbone import load_image_processor, load_tokenizer
 from dst_train.model.build import Precision, build_model
 from tests.conftest import tiny_run_config
