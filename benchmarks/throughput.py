@@ -84,6 +84,7 @@ def run_ours(args, micro: int, steps: int) -> dict:
 
 def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
     """The HF Trainer with our resolved DeepSpeed config, the same model, data and collate."""
+    import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from dst_train.tune.autotune import worst_case_index
@@ -130,7 +131,7 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        use_cpu=not __import__("torch").cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(
         model=model,
@@ -140,14 +141,16 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
         callbacks=[Timer()],
     )
     oom = False
+    started = time.perf_counter()
     with PeakMemory(trainer.args.device) as mem:
         try:
             trainer.train()
-        except __import__("torch").OutOfMemoryError:
+        except torch.OutOfMemoryError:
             oom = True
     dt = time.perf_counter() - counts.get("t0", time.perf_counter())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
+        "seconds": time.perf_counter() - started,  # the whole train() call, warm-up included
         "tokens_per_s": counts["tokens"] / dt if dt else 0.0,
         "samples_per_s": counts["samples"] / dt if dt else 0.0,
         "peak_bytes": mem.peak_bytes,
@@ -209,7 +212,7 @@ def probe_hf(args) -> dict:
 
     def measure(b: int) -> Probe:
         r = _spawn("hf_worst", args, micro=b)
-        return Probe(b, r["peak_bytes"], r.get("seconds", 0.0), oom=r["oom"])
+        return Probe(b, r["peak_bytes"], r["seconds"], oom=r["oom"])
 
     r = search(measure, args.limit_bytes, max_micro=args.max_micro)
     return {"micro_batch": r.micro_batch, "probes": len(r.probes)}

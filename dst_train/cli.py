@@ -200,6 +200,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_local_rank(p: argparse.ArgumentParser) -> None:
+    """Jobs started by the deepspeed launcher get ``--local_rank`` (LOCAL_RANK is in the env)."""
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dst-train", description=__doc__.splitlines()[0])
     # the deepspeed launcher puts --local_rank before the subcommand (LOCAL_RANK is in the env too)
@@ -271,9 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with DeepSpeed (launch with deepspeed/torchrun)")
     p.add_argument("--config", required=True, help="run config YAML")
-    p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher"
-    )
+    _add_local_rank(p)
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=10")
     p.set_defaults(func=_train)
 
@@ -301,9 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="global batch to keep (default: the run config's)",
     )
-    p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher"
-    )
+    _add_local_rank(p)
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=_autotune)
 

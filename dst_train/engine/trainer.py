@@ -98,28 +98,15 @@ def prepare(cfg: RunConfig):
 
     from dst_train.data.collate import LengthGroupedSampler, make_collate
     from dst_train.data.pipeline import make_dataset
-    from dst_train.model.backbone import arch_config, load_image_processor, load_tokenizer
+    from dst_train.model.backbone import load_image_processor, load_tokenizer
     from dst_train.model.build import build_model, resolve_precision
 
     rank, world, device = init_distributed(cfg)
     torch.manual_seed(cfg.seed)
     precision = resolve_precision(cfg.model)
     grad_accum = cfg.grad_accum(world)
-    hidden = arch_config(cfg.model.arch).text_config.hidden_size
+    ds_config = run_ds_config(cfg, world, precision.dtype, device.type == "cuda")
     t = cfg.train
-    ds_config = build_ds_config(
-        t.ds_config,
-        micro_batch=t.micro_batch_size,
-        grad_accum=grad_accum,
-        world_size=world,
-        lr=t.lr,
-        betas=t.betas,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
-        dtype=precision.dtype,
-        hidden_size=hidden,
-        on_gpu=device.type == "cuda",
-    )
     hf_ds = None
     if zero_stage(ds_config) == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -160,6 +147,26 @@ def prepare(cfg: RunConfig):
         "processor": processor,
         "collate": collate,
     }
+
+
+def run_ds_config(cfg: RunConfig, world: int, dtype, on_gpu: bool) -> dict:
+    """The run's DeepSpeed config: the template of ``train.ds_config`` with every "auto" filled."""
+    from dst_train.model.backbone import arch_config
+
+    t = cfg.train
+    return build_ds_config(
+        t.ds_config,
+        micro_batch=t.micro_batch_size,
+        grad_accum=cfg.grad_accum(world),
+        world_size=world,
+        lr=t.lr,
+        betas=t.betas,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        dtype=dtype,
+        hidden_size=arch_config(cfg.model.arch).text_config.hidden_size,
+        on_gpu=on_gpu,
+    )
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -266,7 +273,7 @@ def fit(cfg: RunConfig) -> dict:
                 samples_per_s=sums[-1].item() / dt,
                 step_time_s=dt,
                 peak_mem_gib=peak_memory_gib(device),
-                micro_batch=oom_net.micro // oom_net.chunks,
+                micro_batch=oom_net.current_micro,
                 epoch=state["epoch"],
             )
             log.train(state["step"], row)
@@ -297,6 +304,11 @@ class MicroBatchRunner:
         self.rank = rank
         self.chunks = 1
 
+    @property
+    def current_micro(self) -> int:
+        """Samples per engine micro-step now (the configured micro-batch until an OOM halves it)."""
+        return self.micro // self.chunks
+
     def run_window(self, window: list[list]) -> torch.Tensor:
         """Forward/backward/step over every micro-batch; returns summed losses, tokens, samples."""
         start = self.engine.micro_steps
@@ -304,7 +316,7 @@ class MicroBatchRunner:
             try:
                 return self._run(window)
             except torch.OutOfMemoryError:
-                if not self.oom_retry or self.micro // (self.chunks * 2) < 1:
+                if not self.oom_retry or self.current_micro < 2:
                     raise
                 self._halve(start)
 
@@ -327,13 +339,14 @@ class MicroBatchRunner:
         self.engine.micro_steps = window_start  # the accumulation boundary counts from here
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        old_micro = self.current_micro
         self.chunks *= 2
-        new_micro = self.micro // self.chunks
+        new_micro = self.current_micro
         self.engine.set_train_micro_batch_size(new_micro)
         self.engine.set_train_batch_size(self.global_batch)
         if self.rank == 0:
             print(
-                f"out of memory: micro-batch {self.micro // (self.chunks // 2)} -> {new_micro}, "
+                f"out of memory: micro-batch {old_micro} -> {new_micro}, "
                 f"accumulation {self.engine.gradient_accumulation_steps()} (global batch "
                 f"{self.global_batch} kept); replaying this step",
                 flush=True,

@@ -228,8 +228,9 @@ class StreamingAssistant:
         except ValueError:
             changes = {}
         new = {**state, **changes}
-        trace.dst_valid = bool(changes) and not check_state(tree, new)
-        if check_state(tree, new):
+        problems = check_state(tree, new)
+        trace.dst_valid = bool(changes) and not problems
+        if problems:
             # keep what the model just said where possible; fix the rest of the tree around it
             pinned = {nid: len(tree.order) + 1.0 for nid in changes}
             new = repair_state(tree, new, pinned)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from dst_train.config import RunConfig, save_config, to_dict
+from dst_train.config import RunConfig, to_dict
 from dst_train.tune.search import NothingFits, Probe, SearchResult, accumulation_for, search
 
 GiB = 2**30
@@ -141,7 +141,7 @@ def autotune(
     global_batch: int = 0,
 ) -> dict:
     """Run the search; rank 0 writes ``OUT/{autotune.json, autotune.md, tuned.yaml,
-    ds_config.json}``. Returns the report (every rank)."""
+    ds_config.json}`` (the last two when something fits). Returns the report (every rank)."""
     import os
 
     from dst_train.data.collate import make_collate
@@ -234,6 +234,15 @@ def tuned_config(cfg: RunConfig, report: dict) -> RunConfig:
     return tuned
 
 
+def tuned_ds_config(tuned: RunConfig, report: dict) -> dict:
+    """The DeepSpeed config a run with the tuned config will resolve (for reading, not input)."""
+    from dst_train.engine.trainer import run_ds_config
+    from dst_train.model.build import resolve_precision
+
+    dtype = resolve_precision(tuned.model).dtype
+    return run_ds_config(tuned, report["world"], dtype, torch.cuda.is_available())
+
+
 def table(report: dict) -> str:
     lines = [
         "| micro-batch | predicted GiB | measured GiB | fits | seconds |",
@@ -267,8 +276,8 @@ def _write(report: dict, cfg: RunConfig, out: Path, rank: int) -> None:
     (out / "autotune.md").write_text(f"# Autotune ({report['device']})\n\n{table(report)}\n")
     if "micro_batch" in report:
         tuned = tuned_config(cfg, report)
-        save_config(tuned, out / "tuned.yaml")
         (out / "tuned.yaml").write_text(
             f"# written by dst-train autotune (cache key {report['cache_key']})\n"
             + yaml.safe_dump(to_dict(tuned), sort_keys=False)
         )
+        (out / "ds_config.json").write_text(json.dumps(tuned_ds_config(tuned, report), indent=2))

@@ -1,5 +1,6 @@
 """``dst-train autotune`` end to end on CPU (one process, the real DeepSpeed engine)."""
 
+import json
 import subprocess
 import sys
 
@@ -36,13 +37,16 @@ def _autotune(demo_root, tiny_model_dir, tmp_path, *args):
 def test_autotune_writes_a_tuned_config_that_keeps_the_global_batch(
     demo_root, tiny_model_dir, tmp_path
 ):
-    cache = ["--max-micro", "8"]
-    proc = _autotune(demo_root, tiny_model_dir, tmp_path, "--target-gb", "64", "--no-cache", *cache)
+    proc = _autotune(
+        demo_root, tiny_model_dir, tmp_path, "--target-gb", "64", "--no-cache", "--max-micro", "8"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "largest micro-batch that fits: 8" in proc.stdout  # 64 GB: everything up to the cap
     tuned = yaml.safe_load((tmp_path / "at/tuned.yaml").read_text())["train"]
     assert tuned["micro_batch_size"] == 8 and tuned["grad_accum"] == 1
     assert tuned["global_batch_size"] == 8
+    ds = json.loads((tmp_path / "at/ds_config.json").read_text())
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 1
     report = (tmp_path / "at/autotune.md").read_text()
     assert "| 1 |" in report and "| 2 |" in report and "| 8 |" in report
 
