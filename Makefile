@@ -6,7 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SEED   ?= 0
 OUT    ?= runs/demo
-VIDEOS ?= 120
+VIDEOS ?= 400
+HELDOUT ?= 20
 PORT   ?= 29531
 STAMP  := $(VENV)/.installed
 
@@ -26,7 +27,8 @@ venv: $(STAMP)
 # The main job: data -> tiny SmolVLM -> DeepSpeed ZeRO-2 training in 2 processes (gloo on CPU,
 # GPUs when present) -> Hugging Face folder -> evaluation against the untrained baseline.
 demo: $(STAMP)
-	$(VENV)/bin/dst-train make-demo-data --out $(OUT)/data --seed $(SEED) --videos $(VIDEOS)
+	$(VENV)/bin/dst-train make-demo-data --out $(OUT)/data --seed $(SEED) --videos $(VIDEOS) \
+	  --held-out $(HELDOUT)
 	$(VENV)/bin/dst-train validate-data $(OUT)/data
 	$(VENV)/bin/dst-train make-tiny-model --data $(OUT)/data --out $(OUT)/tiny-model --seed $(SEED) \
 	  --hidden 128 --layers 4

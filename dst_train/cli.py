@@ -17,6 +17,11 @@ def _make_demo_data(args: argparse.Namespace) -> int:
     from dst_train.data.synthetic import DemoSpec, make_demo_data
 
     spec = DemoSpec(videos=args.videos, image_size=args.image_size)
+    if args.held_out is not None:
+        if not 1 <= args.held_out < args.videos / 2:
+            raise SystemExit(f"--held-out {args.held_out}: need 1 <= N < videos / 2")
+        frac = args.held_out / args.videos
+        spec.split_fractions = (1 - 2 * frac, frac, frac)
     summary = make_demo_data(args.out, seed=args.seed, spec=spec)
     print(
         json.dumps(summary)
@@ -220,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--videos", type=int, default=24)
     p.add_argument("--image-size", type=int, default=64, help="frame side in pixels")
+    p.add_argument(
+        "--held-out",
+        type=int,
+        default=None,
+        metavar="N",
+        help="videos in each of val and test (default: 15%% each); the rest train",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_make_demo_data)
 
