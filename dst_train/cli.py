@@ -19,7 +19,8 @@ def _make_demo_data(args: argparse.Namespace) -> int:
     spec = DemoSpec(videos=args.videos, image_size=args.image_size)
     if args.held_out is not None:
         if not 1 <= args.held_out < args.videos / 2:
-            raise SystemExit(f"--held-out {args.held_out}: need 1 <= N < videos / 2")
+            print(f"error: --held-out {args.held_out}: need 1 <= N < videos / 2", file=sys.stderr)
+            return 2
         frac = args.held_out / args.videos
         spec.split_fractions = (1 - 2 * frac, frac, frac)
     summary = make_demo_data(args.out, seed=args.seed, spec=spec)
@@ -73,9 +74,13 @@ def _validate_data(args: argparse.Namespace) -> int:
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from dst_train.model.tiny import demo_corpus, make_tiny_model
 
-    path = make_tiny_model(
-        args.out, demo_corpus(args.data), seed=args.seed, hidden=args.hidden, layers=args.layers
-    )
+    try:
+        path = make_tiny_model(
+            args.out, demo_corpus(args.data), seed=args.seed, hidden=args.hidden, layers=args.layers
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote tiny SmolVLM model folder {path}")
     return 0
 
@@ -267,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root whose texts train the tokenizer")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=int, default=64, help="LM hidden size (heads of 16 dims)")
+    p.add_argument(
+        "--hidden", type=int, default=64, help="LM hidden size, a multiple of 32 (heads of 16 dims)"
+    )
     p.add_argument("--layers", type=int, default=2, help="LM layers")
     p.set_defaults(func=_make_tiny_model)
 

@@ -23,6 +23,11 @@ def tiny_config(
     scale 2 → 4 tokens per image natively (~0.2 M parameters with a 1k vocabulary by default)."""
     from transformers import SmolVLMConfig
 
+    if hidden < 32 or hidden % 32 or layers < 1:
+        # heads of 16 dims and half as many key/value heads: hidden must split evenly in both
+        raise ValueError(
+            f"tiny model: hidden {hidden} must be a multiple of 32, layers {layers} >= 1"
+        )
     return SmolVLMConfig(
         image_token_id=image_token_id,
         scale_factor=2,
@@ -99,13 +104,13 @@ def make_tiny_model(
     from transformers import SmolVLMForConditionalGeneration
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(corpus)
     image_token_id = tokenizer.convert_tokens_to_ids(ChatFormat().image)
     torch.manual_seed(seed)
     model = SmolVLMForConditionalGeneration(
         tiny_config(len(tokenizer), image_token_id, hidden, layers)
     )
+    out.mkdir(parents=True, exist_ok=True)  # only once the shape is known to be valid
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     image_processor().save_pretrained(out)
