@@ -7,7 +7,10 @@ The task is built to be learnable by a tiny model from the pixels alone:
   is a single flashed frame;
 * the moment of every state change is visible in the frame where it happens, as coloured frame
   edges (the "contact" of a hand with a part): right white for any change, top yellow when a
-  substep begins, bottom magenta when a substep is finished, left cyan when a step is finished
+  substep begins, bottom magenta when a substep is finished, left cyan when a step is finished,
+  a black band across the middle when an action starts and ends in this very frame (without it
+  the first frame of an instantaneous action looks like the first frame of a long one, and
+  whether the action is ``in_progress`` or already ``completed`` could only be guessed)
   — so the model can learn *when* and *which kind* from one frame and *which node* from the
   frame's pattern and the tracked state;
 * the assistant speaks when a substep starts (naming the substep and its first action), when a
@@ -51,6 +54,7 @@ BORDERS = {
     "substep": ("top", (255, 255, 0)),  # a substep begins
     "substep_done": ("bottom", (255, 0, 255)),  # a substep is finished
     "step": ("left", (0, 255, 255)),  # a step is finished
+    "instant": ("middle", (0, 0, 0)),  # an action starts and ends in this frame
 }
 VEHICLES = ("fire truck", "dump truck", "race car", "school bus", "tractor", "crane")
 STEP_NAMES = ("build the chassis", "build the body", "add the details", "finish the top")
@@ -180,6 +184,8 @@ def make_video(rng: np.random.Generator, uid: str, style: str, spec: DemoSpec) -
             for act in sub_actions:
                 _mark(video, act.first_frame, "change")
                 _mark(video, int(act.end * fps), "change")
+                if act.start == act.end:
+                    _mark(video, act.first_frame, "instant")
             first = sub_actions[0]
             _mark(video, first.first_frame, "substep")
             _mark(video, int(sub_actions[-1].end * fps), "substep_done")
@@ -288,6 +294,7 @@ def render_frames(video: _Video, spec: DemoSpec, rng: np.random.Generator):
             "bottom": (slice(-b, None), slice(None)),
             "left": (slice(None), slice(0, b)),
             "right": (slice(None), slice(-b, None)),
+            "middle": (slice((size - b) // 2, (size + b) // 2), slice(None)),
         }
         for kind in sorted(video.events.get(f, ())):
             side, colour = BORDERS[kind]

@@ -95,3 +95,25 @@ def test_make_demo_data_held_out(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["splits"] == {"train": 6, "val": 1, "test": 1}
     assert main([*args, "--held-out", "4"]) == 2  # 4 + 4 of 8 would leave no training video
     assert "--held-out 4: need 1 <= N < videos / 2" in capsys.readouterr().err
+
+
+def test_instantaneous_actions_are_visible_in_their_frame():
+    """An instantaneous action is ``completed`` in its only frame: that frame (and no other) shows
+    the dark middle band, so the model can tell it from the first frame of a long action."""
+    import numpy as np
+
+    from dst_train.data.proassist import decode_frame
+    from dst_train.data.synthetic import make_video, render_frames
+
+    spec = DemoSpec(image_size=64, instant_prob=0.4)
+    rng = np.random.default_rng(3)
+    seen = 0
+    for v in range(4):
+        video = make_video(rng, f"v{v}", "numeric", spec)
+        instant = {a.first_frame for a in video.actions if a.start == a.end}
+        seen += len(instant)
+        band = slice(29, 35)  # inside the middle band, clear of JPEG ringing at its edges
+        for f, b64 in enumerate(render_frames(video, spec, rng)):
+            mean = np.asarray(decode_frame(b64))[band, 8:-8].mean()
+            assert (mean < 20) == (f in instant), (v, f, mean)
+    assert seen >= 3
