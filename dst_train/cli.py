@@ -193,6 +193,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dst_train.eval.evaluate import evaluate
     from dst_train.eval.report import table
 
+    if args.stream_batch < 1:
+        print(f"error: --stream-batch {args.stream_batch}: need at least 1", file=sys.stderr)
+        return 2
     report = evaluate(
         args.model_dir,
         args.data,
@@ -204,6 +207,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_clips=args.max_clips,
         baseline_clips=args.baseline_clips,
+        stream_batch=args.stream_batch,
     )
     print(table(report))
     print(f"\nreport: {Path(args.out or Path(args.model_dir).parent / 'eval') / 'report.json'}")
@@ -352,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoding limit per turn (default: 1.25 x the longest val reference turn)",
     )
     p.add_argument("--max-clips", type=int, help="evaluate only the first N clips of the split")
+    p.add_argument(
+        "--stream-batch",
+        type=int,
+        default=8,
+        help="clips streamed at once, one per batch row (traces do not depend on it)",
+    )
     p.add_argument(
         "--baseline-clips",
         type=int,

@@ -69,3 +69,13 @@ def test_throughput_smoke(tmp_path):
         assert row["tokens_per_s"] > 0 and row["samples_per_s"] > 0 and row["peak_gib"] > 0
         assert 1 <= row["largest_micro_batch"] <= 4
     assert ours["trainable"] == hf["trainable"]  # the same model under both stacks
+
+
+def test_streaming_smoke(tmp_path):
+    out = _run("streaming.py", tmp_path)
+    assert "speedup_over_batch1" in out
+    result = json.loads((tmp_path / "streaming_smoke.json").read_text())
+    one, batched = result["rows"]
+    assert one["batch_size"] == 1 and batched["batch_size"] > 1
+    assert one["frames"] == batched["frames"] > 0 and one["dst_updates"] > 0
+    assert batched["same_as_batch1"] == 1.0  # batching does not change the traces

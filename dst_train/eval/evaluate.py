@@ -98,8 +98,11 @@ def run_split(
     max_context: int,
     max_new_tokens: int,
     trace_dir: Path | None,
+    stream_batch: int = 8,
 ) -> list[dict]:
-    from dst_train.infer.stream import StreamingAssistant
+    """Stream every clip of ``labels_list`` (``stream_batch`` at once) and write each trace to
+    ``trace_dir/<video>_<clip>.jsonl`` as its clip finishes."""
+    from dst_train.infer.stream import StreamingAssistant, StreamJob
 
     assistant = StreamingAssistant(
         model,
@@ -110,22 +113,31 @@ def run_split(
         max_context=max_context,
         max_new_tokens=max_new_tokens,
     )
-    videos = []
-    for labels in tqdm(labels_list, desc="streaming", unit="video"):
+    jobs = []
+    for labels in labels_list:
         clip = labels.clip
-        tree = trees.get(clip.video_uid)
 
         def frames(ids, _file=clip.frames_file):
             return {"pixel_values": frame_source.load(_file, ids)}
 
-        traces = assistant.run(labels, tree, frames)
+        jobs.append(StreamJob(labels, trees.get(clip.video_uid), frames))
+    progress = tqdm(total=len(jobs), desc="streaming", unit="video")
+
+    def done(i: int, traces) -> None:
+        progress.update()
         if trace_dir is not None:
+            clip = jobs[i].labels.clip
             trace_dir.mkdir(parents=True, exist_ok=True)
             (trace_dir / f"{clip.video_uid}_{clip.clip_idx}.jsonl").write_text(
                 "".join(json.dumps(t.to_dict()) + "\n" for t in traces)
             )
-        videos.append({"labels": labels, "tree": tree, "traces": traces})
-    return videos
+
+    all_traces = assistant.run_many(jobs, batch_size=stream_batch, on_done=done)
+    progress.close()
+    return [
+        {"labels": job.labels, "tree": job.tree, "traces": traces}
+        for job, traces in zip(jobs, all_traces, strict=True)
+    ]
 
 
 def score(videos: list[dict], similarity, fps_tolerance_s: float = 1.0) -> dict:
@@ -198,6 +210,7 @@ def evaluate(
     max_clips: int | None = None,
     baseline_clips: int | None = None,
     val_split: str = "val",
+    stream_batch: int = 8,
 ) -> dict:
     from dst_train.config import load_config
     from dst_train.data.collate import make_collate
@@ -244,6 +257,7 @@ def evaluate(
         "embedding_model": embedding_model,
         "max_new_tokens": max_new_tokens,
         "baseline_clips": baseline_clips if baseline else None,
+        "stream_batch": stream_batch,
     }
     for name, model in load_models(model_dir, baseline).items():
         model.eval()
@@ -270,6 +284,7 @@ def evaluate(
             max_context,
             max_new_tokens,
             out / "traces" if name == "model" else None,
+            stream_batch,
         )
         key = "metrics" if name == "model" else "baseline_metrics"
         report[key] = _flat(score(videos, similarity))

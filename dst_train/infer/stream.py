@@ -6,11 +6,13 @@ to valid node ids and states, apply it, check the tree and repair it if needed; 
 turns of that frame (they are inputs, as in ProAssist's evaluation); above the speak threshold,
 feed ``Assistant: `` and decode a response. When the cache nears ``max_context`` tokens the
 context restarts from the system prompt + the current rendered state (context refresh).
-The vision tower runs batched over a window of frames ahead of the LM.
+The vision tower runs batched over a window of frames ahead of the LM, and several clips
+stream at once, one per batch row (:class:`PaddedCache` keeps their contexts apart).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,6 +20,7 @@ import torch
 from dst_train.data.dst_tree import STATES, DSTTree, check_state, parse_transitions, repair_state
 from dst_train.data.labels import ClipLabels
 from dst_train.data.sequence import SequenceBuilder
+from dst_train.infer.padded_cache import PaddedCache
 
 
 @dataclass
@@ -103,7 +106,59 @@ class TransitionGrammar:
         )
 
 
+@dataclass
+class StreamJob:
+    """One clip to stream: its labels, its task tree (None: speech only) and its frame loader,
+    ``frames(list_of_frame_ids) -> dict`` of model inputs (``pixel_values`` or
+    ``frame_features``)."""
+
+    labels: ClipLabels
+    tree: DSTTree | None
+    frames: Callable[[list[int]], dict]
+
+
+class _Row:
+    """What one batch row knows about the clip it is streaming."""
+
+    def __init__(self, index: int, job: StreamJob):
+        clip = job.labels.clip
+        self.index = index  # the job's place in the caller's list
+        self.job = job
+        self.tree = job.tree
+        self.instruction = next((t.content for t in clip.conversation if t.role == "system"), "")
+        self.state = dict(job.labels.initial_state) if job.tree is not None else None
+        self.grammar = TransitionGrammar(job.tree.order) if job.tree is not None else None
+        self.user_turns: dict[int, list[str]] = {}
+        for seg in job.labels.segments:
+            if seg.kind == "user" and seg.frame is not None:
+                self.user_turns.setdefault(seg.frame, []).append(seg.text)
+        self.fps = clip.fps
+        self.frame_ids = list(range(clip.start_frame_idx, clip.end_frame_idx))
+        self.next = 0  # index in frame_ids of the frame to stream next
+        self.window: torch.Tensor | None = None  # (W, k, H) embeddings of frames ahead
+        self.window_start = 0
+        self.traces: list[FrameTrace] = []
+        self.started = False
+
+    def done(self) -> bool:
+        return self.next >= len(self.frame_ids)
+
+    def frame_embeds(self, model, frame_batch: int) -> torch.Tensor:
+        """(k, H) embeddings of the next frame; the vision tower runs once per window."""
+        i = self.next
+        if self.window is None or i >= self.window_start + len(self.window):
+            ids = self.frame_ids[i : i + frame_batch]
+            self.window, self.window_start = model.frame_embeddings(**self.job.frames(ids)), i
+        return self.window[i - self.window_start]
+
+
 class StreamingAssistant:
+    """Streams clips through a :class:`DSTModel`, several at once (one per batch row).
+
+    Rows run in lockstep, one frame per step; a row whose clip ends takes the next clip of the
+    queue. Every row attends only to its own tokens (:class:`PaddedCache`), so a clip's trace does
+    not depend on the batch it ran in (up to float rounding)."""
+
     def __init__(
         self,
         model,
@@ -130,33 +185,152 @@ class StreamingAssistant:
         vocab = len(tokenizer)
         self.token_text = [tokenizer.decode([i]) for i in range(vocab)]
 
+    # ------------------------------------------------------------------ run
+    def run(self, labels: ClipLabels, tree: DSTTree | None, frames) -> list[FrameTrace]:
+        """Stream one clip. ``frames`` loads pixels/features: ``frames(list_of_frame_ids)``."""
+        return self.run_many([StreamJob(labels, tree, frames)], batch_size=1)[0]
+
+    @torch.no_grad()
+    def run_many(
+        self,
+        jobs: list[StreamJob],
+        batch_size: int = 8,
+        on_done: Callable[[int, list[FrameTrace]], None] | None = None,
+    ) -> list[list[FrameTrace]]:
+        """Stream every job, ``batch_size`` at a time; returns the traces in the jobs' order.
+        ``on_done(job_index, traces)`` is called as each clip finishes."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        queue = list(enumerate(jobs))[::-1]
+        results: list[list[FrameTrace]] = [[] for _ in jobs]
+        slots: list[_Row | None] = [None] * min(batch_size, max(len(jobs), 1))
+        cache = PaddedCache(self.model.backbone, len(slots), self.device)
+        while True:
+            for r, row in enumerate(slots):
+                if row is not None and row.done():
+                    results[row.index] = row.traces
+                    if on_done is not None:
+                        on_done(row.index, row.traces)
+                    slots[r] = row = None
+                if row is None and queue:
+                    slots[r] = _Row(*queue.pop())
+            live = {r: row for r, row in enumerate(slots) if row is not None}
+            if not live:
+                return results
+            self._step(cache, live)
+
     # --------------------------------------------------------------- pieces
-    def _feed_ids(self, ids: list[int], cache):
-        x = torch.tensor([ids], device=self.device)
-        return self._feed_embeds(self.model.backbone.embed_tokens(x), cache)
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        return self.model.backbone.embed_tokens(torch.tensor([ids], device=self.device))[0]
 
-    def _feed_embeds(self, embeds, cache):
-        hidden, cache = self.model.backbone.decode(embeds, past_key_values=cache, use_cache=True)
-        return hidden[:, -1], cache
+    def _step(self, cache: PaddedCache, live: dict[int, _Row]) -> None:
+        """One frame of every live row: refresh, frame, DST update, user turns, response."""
+        budget = self.model.backbone.tokens_per_frame + 2 * self.max_new_tokens + 16
+        refresh = {
+            r: row
+            for r, row in live.items()
+            if not row.started or cache.length(r) + budget > self.max_context
+        }
+        if refresh:
+            for r in refresh:
+                cache.restart(r)
+            cache.feed(
+                {
+                    r: self._embed(self.b.system_ids(row.instruction, row.tree, row.state))
+                    for r, row in refresh.items()
+                }
+            )
+        frames = {r: row.frame_embeds(self.model, self.frame_batch) for r, row in live.items()}
+        hidden = cache.feed({r: e.to(self.device) for r, e in frames.items()})
+        h = torch.stack([hidden[r] for r in live])
+        speak = torch.sigmoid(self.model.speak_head(h)).flatten().tolist()
+        update = torch.sigmoid(self.model.update_head(h)).flatten().tolist()
+        traces = {}
+        for (r, row), s, u in zip(live.items(), speak, update, strict=True):
+            f = row.frame_ids[row.next]
+            traces[r] = FrameTrace(f, f / row.fps, s, u, refreshed=r in refresh)
+            row.started = True
+        dst = [
+            r
+            for r, row in live.items()
+            if row.grammar is not None and traces[r].update_prob > self.update_threshold
+        ]
+        if dst:
+            prompt = self.b.ids(self.chat.dst)
+            texts = self._decode(cache, {r: prompt for r in dst}, {r: live[r].grammar for r in dst})
+            for r, text in texts.items():
+                live[r].state = self._apply(live[r].tree, live[r].state, text, traces[r])
+        users = {
+            r: [i for text in row.user_turns[t.frame] for i in self.b.turn_ids("user", text)[0]]
+            for (r, row), t in zip(live.items(), traces.values(), strict=True)
+            if t.frame in row.user_turns
+        }
+        if users:
+            cache.feed({r: self._embed(ids) for r, ids in users.items()})
+        speakers = [r for r in live if traces[r].speak_prob > self.speak_threshold]
+        if speakers:
+            prompt = self.b.ids(self.chat.assistant)
+            for r, text in self._decode(cache, {r: prompt for r in speakers}, {}).items():
+                traces[r].response = text
+        for r, row in live.items():
+            if row.state is not None:
+                traces[r].state = dict(row.state)
+            row.traces.append(traces[r])
+            row.next += 1
 
-    def _decode(self, cache, last_hidden, grammar: TransitionGrammar | None):
-        """Greedy decoding until the end token; with a grammar only allowed tokens are taken."""
-        out: list[int] = []
-        text = ""
+    def _decode(
+        self,
+        cache: PaddedCache,
+        prompts: dict[int, list[int]],
+        grammars: dict[int, TransitionGrammar],
+    ) -> dict[int, str]:
+        """Feed each row its prompt, then decode greedily until each row's end token (at most
+        ``max_new_tokens``); rows with a grammar take only tokens it allows. The end token and
+        separator close every row's turn. Only the decoding rows take part (a sub-cache)."""
+        rows = list(prompts)
+        sub = cache if len(rows) == cache.rows else cache.take(rows)
+        local = {r: i for i, r in enumerate(rows)} if sub is not cache else {r: r for r in rows}
+        texts = self._decode_rows(
+            sub,
+            {local[r]: ids for r, ids in prompts.items()},
+            {local[r]: g for r, g in grammars.items()},
+        )
+        if sub is not cache:
+            cache.put_back(sub, rows)
+        return {r: texts[local[r]] for r in rows}
+
+    def _decode_rows(
+        self,
+        cache: PaddedCache,
+        prompts: dict[int, list[int]],
+        grammars: dict[int, TransitionGrammar],
+    ) -> dict[int, str]:
+        hidden = cache.feed({r: self._embed(ids) for r, ids in prompts.items()})
+        out: dict[int, list[int]] = {r: [] for r in prompts}
+        text = {r: "" for r in prompts}
+        active = list(prompts)
         head = self.model.backbone.lm_head
         for _ in range(self.max_new_tokens):
-            logits = head(last_hidden)[0].float()
-            if grammar is None:
-                token = int(logits.argmax())
-            else:
-                token = self._constrained_pick(logits, text, grammar)
-            if token == self.end_id:
+            logits = head(torch.stack([hidden[r] for r in active])).float()
+            picks = {}
+            for r, row_logits in zip(active, logits, strict=True):
+                grammar = grammars.get(r)
+                if grammar is None:
+                    token = int(row_logits.argmax())
+                else:
+                    token = self._constrained_pick(row_logits, text[r], grammar)
+                if token != self.end_id:
+                    picks[r] = token
+            if not picks:
                 break
-            out.append(token)
-            text += self.token_text[token]
-            last_hidden, cache = self._feed_ids([token], cache)
-        last_hidden, cache = self._feed_ids([self.end_id] + self.b.ids(self.chat.sep), cache)
-        return self.tok.decode(out).strip(), last_hidden, cache
+            for r, token in picks.items():
+                out[r].append(token)
+                text[r] += self.token_text[token]
+            hidden = cache.feed({r: self._embed([t]) for r, t in picks.items()})
+            active = list(picks)
+        close = [self.end_id] + self.b.ids(self.chat.sep)
+        cache.feed({r: self._embed(close) for r in prompts})
+        return {r: self.tok.decode(ids).strip() for r, ids in out.items()}
 
     def _constrained_pick(self, logits, text: str, grammar: TransitionGrammar) -> int:
         """The most likely token that keeps ``text`` a valid prefix; the end token when the text
@@ -170,55 +344,6 @@ class StreamingAssistant:
         if grammar.complete(text) and (best is None or logits[self.end_id] >= logits[best]):
             return self.end_id
         return self.end_id if best is None else best
-
-    # ------------------------------------------------------------------ run
-    @torch.no_grad()
-    def run(self, labels: ClipLabels, tree: DSTTree | None, frames) -> list[FrameTrace]:
-        """Stream one clip. ``frames`` loads pixels/features: ``frames(list_of_frame_ids)``."""
-        clip = labels.clip
-        instruction = next((t.content for t in clip.conversation if t.role == "system"), "")
-        state = dict(labels.initial_state) if tree is not None else None
-        grammar = TransitionGrammar(tree.order) if tree is not None else None
-        user_turns: dict[int, list[str]] = {}
-        for seg in labels.segments:
-            if seg.kind == "user" and seg.frame is not None:
-                user_turns.setdefault(seg.frame, []).append(seg.text)
-        cache, refreshed = None, True
-        traces: list[FrameTrace] = []
-        frame_ids = list(range(clip.start_frame_idx, clip.end_frame_idx))
-        k = self.model.backbone.tokens_per_frame
-        for w in range(0, len(frame_ids), self.frame_batch):
-            window = frame_ids[w : w + self.frame_batch]
-            embeds = self.model.frame_embeddings(**frames(window))  # (W, k, H)
-            for j, f in enumerate(window):
-                budget = k + 2 * self.max_new_tokens + 16  # this frame's worst case
-                if cache is None or cache.get_seq_length() + budget > self.max_context:
-                    sys_ids = self.b.system_ids(instruction, tree, state)
-                    _, cache = self._feed_ids(sys_ids, None)
-                    refreshed = True
-                hidden, cache = self._feed_embeds(embeds[j : j + 1].to(self.device), cache)
-                trace = FrameTrace(
-                    f,
-                    f / clip.fps,
-                    torch.sigmoid(self.model.speak_head(hidden)).item(),
-                    torch.sigmoid(self.model.update_head(hidden)).item(),
-                    refreshed=refreshed,
-                )
-                refreshed = False
-                if grammar is not None and trace.update_prob > self.update_threshold:
-                    hidden, cache = self._feed_ids(self.b.ids(self.chat.dst), cache)
-                    text, hidden, cache = self._decode(cache, hidden, grammar)
-                    state = self._apply(tree, state, text, trace)
-                for user_text in user_turns.get(f, []):
-                    ids, _, _ = self.b.turn_ids("user", user_text)
-                    hidden, cache = self._feed_ids(ids, cache)
-                if trace.speak_prob > self.speak_threshold:
-                    hidden, cache = self._feed_ids(self.b.ids(self.chat.assistant), cache)
-                    trace.response, hidden, cache = self._decode(cache, hidden, None)
-                if state is not None:
-                    trace.state = dict(state)
-                traces.append(trace)
-        return traces
 
     @staticmethod
     def _apply(tree: DSTTree, state: dict, text: str, trace: FrameTrace) -> dict:

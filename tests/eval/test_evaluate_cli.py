@@ -36,6 +36,8 @@ def test_evaluate_writes_the_report_with_a_baseline_row(demo_root, tiny_model_di
             "--baseline",
             "--max-new-tokens",
             "4",
+            "--stream-batch",
+            "3",
         ],
         cwd=REPO,
         capture_output=True,
@@ -48,7 +50,7 @@ def test_evaluate_writes_the_report_with_a_baseline_row(demo_root, tiny_model_di
     for key in ("metrics", "baseline_metrics"):
         assert set(REPORT_KEYS) <= set(report[key])
         assert all(report[key][k] is None or 0 <= report[key][k] for k in REPORT_KEYS)
-    assert report["max_new_tokens"] == 4
+    assert report["max_new_tokens"] == 4 and report["stream_batch"] == 3
     assert 0 < report["model_thresholds"]["speak"] < 1
     traces = list((tmp_path / "eval/traces").glob("*.jsonl"))
     assert len(traces) == report["clips"]
@@ -57,3 +59,10 @@ def test_evaluate_writes_the_report_with_a_baseline_row(demo_root, tiny_model_di
     for png in ("timeline.png", "threshold_curves.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 1000
     assert "| metric |" in (tmp_path / "eval/report.md").read_text()
+
+
+def test_evaluate_rejects_a_stream_batch_below_one(tmp_path, capsys):
+    from dst_train.cli import main
+
+    assert main(["evaluate", str(tmp_path), "--data", str(tmp_path), "--stream-batch", "0"]) == 2
+    assert "error: --stream-batch 0" in capsys.readouterr().err

@@ -100,3 +100,75 @@ def test_without_a_tree_only_speech_is_decoded(setup):
     )
     assert all(t.dst_valid is None and t.state == {} for t in traces)
     assert any(t.response for t in traces)  # speech is still decoded (seeded random model)
+
+
+def _jobs(demo_root, model_dir, n):
+    """StreamJobs for the first ``n`` clips of the demo (every split), each with its tree."""
+    from dst_train.infer.stream import StreamJob
+
+    dst_dir = DatasetPaths.from_root(demo_root).dst_dir
+    source = FramePixels(demo_root, load_image_processor(str(model_dir)))
+    jobs = []
+    for split in ("train", "val", "test"):
+        for labels in load_split(demo_root, split):
+            tree = load_dst_tsv(dst_path(dst_dir, labels.clip.video_uid))
+
+            def frames(ids, _file=labels.clip.frames_file):
+                return {"pixel_values": source.load(_file, ids)}
+
+            jobs.append(StreamJob(labels, tree, frames))
+    return sorted(jobs, key=lambda j: j.labels.clip.end_frame_idx)[:n]  # the shortest: fast
+
+
+def test_a_batch_of_clips_streams_as_each_clip_alone(setup, demo_root, tiny_model_dir):
+    """3 clips through 2 rows (the freed row takes the third clip), a context small enough to
+    refresh and compact the cache, some rows decoding while others wait: every trace equals
+    the clip streamed alone."""
+    import copy
+
+    model, tok, builder, *_ = setup
+    model = copy.deepcopy(model)
+    torch.manual_seed(1)
+    for head in (model.speak_head, model.update_head):  # heads start constant: make them vary
+        torch.nn.init.normal_(head.net[-1].weight, std=0.3)
+    setup = (model, tok, builder)
+    jobs = _jobs(demo_root, tiny_model_dir, 3)
+    silent = _assistant(setup, speak_threshold=2.0, update_threshold=2.0)
+    probs = silent.run_many(jobs, batch_size=3)
+    speak = sorted(t.speak_prob for traces in probs for t in traces)
+    update = sorted(t.update_prob for traces in probs for t in traces)
+    thresholds = {
+        "speak_threshold": speak[int(0.85 * len(speak))],  # ~15 % of frames speak,
+        "update_threshold": update[int(0.8 * len(update))],  # ~20 % update
+    }
+    assistant = _assistant(
+        setup,
+        **thresholds,
+        max_context=120,
+        max_new_tokens=4,
+    )
+    done = []
+    batched = assistant.run_many(jobs, batch_size=2, on_done=lambda i, t: done.append(i))
+    assert sorted(done) == [0, 1, 2]
+    spoke = updated = refreshed = 0
+    for job, traces in zip(jobs, batched, strict=True):
+        alone = assistant.run(job.labels, job.tree, job.frames)
+        assert [t.frame for t in traces] == [t.frame for t in alone]
+        for a, b in zip(traces, alone, strict=True):
+            assert abs(a.speak_prob - b.speak_prob) < 1e-4
+            assert abs(a.update_prob - b.update_prob) < 1e-4
+            assert (a.response, a.dst_text, a.state, a.refreshed) == (
+                b.response,
+                b.dst_text,
+                b.state,
+                b.refreshed,
+            )
+        spoke += sum(t.speak_prob > thresholds["speak_threshold"] for t in traces)
+        updated += sum(bool(t.dst_text) for t in traces)
+        refreshed += sum(t.refreshed for t in traces)
+    assert spoke > 3 and updated > 3 and refreshed > 6  # decoding and refresh were exercised
+
+
+def test_batch_size_must_be_positive(setup, demo_root, tiny_model_dir):
+    with pytest.raises(ValueError, match="batch_size"):
+        _assistant(setup).run_many(_jobs(demo_root, tiny_model_dir, 1), batch_size=0)

@@ -1,0 +1,144 @@
+"""Streaming inference throughput: one clip at a time vs several clips per batch.
+
+    python benchmarks/streaming.py --model runs/demo/hf --data runs/demo/data   # after make demo
+    python benchmarks/streaming.py --smoke                                      # tiny, for tests
+
+Streams the same clips with ``batch_size`` 1, 2, 4, ... (one clip per batch row, a freed row
+takes the next clip) and reports frames/s and the speed-up over batch 1 measured in the same run.
+It also checks that batching does not change what the model does: the share of frames whose
+response, DST text and tracked state equal batch 1's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.common import table, write_result  # noqa: E402
+from dst_train.data.dataset import DatasetPaths, dst_path, load_split  # noqa: E402
+from dst_train.data.dst_tree import load_dst_tsv  # noqa: E402
+from dst_train.data.sequence import SequenceBuilder  # noqa: E402
+from dst_train.infer.stream import StreamingAssistant, StreamJob  # noqa: E402
+from dst_train.model.backbone import load_image_processor, load_tokenizer  # noqa: E402
+from dst_train.model.frames import FramePixels  # noqa: E402
+
+
+def smoke_model(tmp: Path) -> tuple[Path, Path]:
+    """A tiny random model folder (varied heads) and 8 short demo videos."""
+    from dst_train.config import load_config
+    from dst_train.data.synthetic import DemoSpec, make_demo_data
+    from dst_train.model.build import Precision, build_model
+    from dst_train.model.tiny import demo_corpus, make_tiny_model
+
+    data = tmp / "data"
+    make_demo_data(data, seed=1, spec=DemoSpec(videos=8, steps=(1, 1), image_size=32))
+    arch = make_tiny_model(tmp / "tiny", demo_corpus(data), seed=0)
+    cfg = load_config(None, [f"data.root={data}", f"model.arch={arch}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa"))
+    for head in (model.speak_head, model.update_head):  # untrained heads are constant
+        torch.nn.init.normal_(head.net[-1].weight, std=0.3)
+    folder = tmp / "hf"
+    model.backbone.hf.save_pretrained(folder)
+    model.save_heads(folder)
+    load_tokenizer(str(arch)).save_pretrained(folder)
+    load_image_processor(str(arch)).save_pretrained(folder)
+    return folder, data
+
+
+def jobs_for(data: Path, split: str, processor, clips: int) -> list[StreamJob]:
+    source = FramePixels(data, processor)
+    dst_dir = DatasetPaths.from_root(data).dst_dir
+    jobs = []
+    for labels in load_split(data, split)[:clips]:
+        tsv = dst_path(dst_dir, labels.clip.video_uid) if dst_dir else None
+        tree = load_dst_tsv(tsv) if tsv is not None and tsv.is_file() else None
+
+        def frames(ids, _file=labels.clip.frames_file):
+            return {"pixel_values": source.load(_file, ids)}
+
+        jobs.append(StreamJob(labels, tree, frames))
+    return jobs
+
+
+def same(a, b) -> bool:
+    return (a.response, a.dst_text, a.state) == (b.response, b.dst_text, b.state)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="converted model folder (default: runs/demo/hf)")
+    p.add_argument("--data", help="dataset root (default: runs/demo/data)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--clips", type=int, default=8)
+    p.add_argument("--batches", default="1,2,4,8", help="batch sizes to compare (1 is the base)")
+    p.add_argument("--speak-threshold", type=float, default=0.5)
+    p.add_argument("--update-threshold", type=float, default=0.5)
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--smoke", action="store_true", help="tiny random model, short clips")
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
+    args = p.parse_args()
+    from dst_train.model.dst_model import DSTModel
+
+    tmp = tempfile.TemporaryDirectory()
+    if args.smoke:
+        model_dir, data = smoke_model(Path(tmp.name))
+        args.clips, args.batches, args.max_new_tokens = 4, "1,4", 4
+        args.split, args.speak_threshold, args.update_threshold = "train", 0.7, 0.7
+    else:
+        model_dir = Path(args.model or "runs/demo/hf")
+        data = Path(args.data or "runs/demo/data")
+    torch.manual_seed(0)
+    model = DSTModel.from_pretrained(model_dir).eval()
+    tok = load_tokenizer(str(model_dir))
+    builder = SequenceBuilder(
+        tok, model.backbone.chat, model.backbone.image_token_id, model.backbone.tokens_per_frame
+    )
+    assistant = StreamingAssistant(
+        model,
+        tok,
+        builder,
+        args.speak_threshold,
+        args.update_threshold,
+        max_new_tokens=args.max_new_tokens,
+    )
+    jobs = jobs_for(data, args.split, load_image_processor(str(model_dir)), args.clips)
+    frames = sum(j.labels.clip.end_frame_idx - j.labels.clip.start_frame_idx for j in jobs)
+    rows, base = [], None
+    for batch in (int(b) for b in args.batches.split(",")):
+        t0 = time.perf_counter()
+        traces = assistant.run_many(jobs, batch_size=batch)
+        dt = time.perf_counter() - t0
+        flat = [t for clip in traces for t in clip]
+        base = base or (flat, dt)
+        rows.append(
+            {
+                "batch_size": batch,
+                "clips": len(jobs),
+                "frames": frames,
+                "seconds": dt,
+                "frames_per_s": frames / dt,
+                "speedup_over_batch1": base[1] / dt,
+                "responses": sum(bool(t.response) for t in flat),
+                "dst_updates": sum(bool(t.dst_text) for t in flat),
+                "same_as_batch1": sum(map(same, flat, base[0])) / len(flat),
+            }
+        )
+    cols = list(rows[0])
+    print(table(rows, cols))
+    name = "streaming_smoke" if args.smoke else "streaming"
+    print(
+        write_result(name, {"model": str(model_dir), "split": args.split, "rows": rows}, args.out)
+    )
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
