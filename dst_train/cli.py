@@ -127,10 +127,15 @@ def _run_config(args: argparse.Namespace):
     from dst_train.config import ConfigError, load_config
 
     try:
-        return load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
+    problems = cfg.path_problems()
+    if problems:
+        print("error: missing inputs:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return None
+    return cfg
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -181,7 +186,13 @@ def _autotune(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from dst_train.engine.convert import convert
 
-    report = convert(args.checkpoint, args.out, dtype=args.dtype, merge_lora=not args.keep_adapter)
+    try:
+        report = convert(
+            args.checkpoint, args.out, dtype=args.dtype, merge_lora=not args.keep_adapter
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"wrote {report['out']} ({report['dtype']}) in {report['seconds']:.1f} s, "
         f"peak RAM {report['peak_ram_gib']:.2f} GiB"
@@ -190,25 +201,31 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from dst_train.data.dst_tree import DSTFormatError
+    from dst_train.data.proassist import DataFormatError
     from dst_train.eval.evaluate import evaluate
     from dst_train.eval.report import table
 
     if args.stream_batch < 1:
         print(f"error: --stream-batch {args.stream_batch}: need at least 1", file=sys.stderr)
         return 2
-    report = evaluate(
-        args.model_dir,
-        args.data,
-        split=args.split,
-        out=args.out,
-        baseline=args.baseline,
-        embedding_model=args.embedding_model,
-        max_context=args.max_context,
-        max_new_tokens=args.max_new_tokens,
-        max_clips=args.max_clips,
-        baseline_clips=args.baseline_clips,
-        stream_batch=args.stream_batch,
-    )
+    try:
+        report = evaluate(
+            args.model_dir,
+            args.data,
+            split=args.split,
+            out=args.out,
+            baseline=args.baseline,
+            embedding_model=args.embedding_model,
+            max_context=args.max_context,
+            max_new_tokens=args.max_new_tokens,
+            max_clips=args.max_clips,
+            baseline_clips=args.baseline_clips,
+            stream_batch=args.stream_batch,
+        )
+    except (FileNotFoundError, DataFormatError, DSTFormatError) as e:  # the message names the file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table(report))
     print(f"\nreport: {Path(args.out or Path(args.model_dir).parent / 'eval') / 'report.json'}")
     return 0

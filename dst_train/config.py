@@ -143,6 +143,37 @@ class RunConfig:
             problems.append("train.resume must be auto, never or a checkpoint folder")
         return problems
 
+    def path_problems(self) -> list[str]:
+        """Every missing input on disk at once (dataset root and splits, a local model folder, the
+        DeepSpeed template, the feature cache, an explicit resume folder), so a launch fails in
+        seconds instead of after the model is built. Empty when all are there."""
+        from dst_train.data.dataset import DatasetPaths
+        from dst_train.engine.checkpoint import COMPLETE
+        from dst_train.engine.ds_config import resolve_template_path
+
+        problems = []
+        try:
+            paths = DatasetPaths.from_root(self.data.root)
+            for split in (self.data.train_split, self.data.val_split):
+                paths.split_file(split)
+        except ValueError as e:
+            problems.append(f"data.root={self.data.root}: {e}")
+        arch = self.model.arch
+        # a hub name is "namespace/name"; anything else that is not on disk is a missing folder
+        looks_local = arch.startswith(("/", ".", "~")) or arch.count("/") != 1
+        if (looks_local or Path(arch).exists()) and not (Path(arch) / "config.json").is_file():
+            problems.append(f"model.arch={arch}: no model folder there (no config.json)")
+        try:
+            resolve_template_path(self.train.ds_config)
+        except FileNotFoundError as e:
+            problems.append(f"train.ds_config: {e}")
+        if self.data.feature_cache and not Path(self.data.feature_cache).is_dir():
+            problems.append(f"data.feature_cache={self.data.feature_cache}: no such folder")
+        resume = self.train.resume
+        if resume not in ("auto", "never") and not (Path(resume) / COMPLETE).is_file():
+            problems.append(f"train.resume={resume}: not a complete checkpoint (no {COMPLETE})")
+        return problems
+
     def grad_accum(self, world_size: int) -> int:
         """Accumulation steps that keep the global batch at ``train.global_batch_size``."""
         t = self.train

@@ -221,17 +221,21 @@ def evaluate(
     from dst_train.eval.report import write_report
     from dst_train.eval.speaking import default_embedding_model
     from dst_train.model.backbone import load_image_processor, load_tokenizer
+    from dst_train.model.dst_model import check_model_folder
     from dst_train.model.frames import FramePixels
 
     t0 = time.perf_counter()
-    model_dir, data_root = Path(model_dir), Path(data_root)
+    # bad arguments fail here, before minutes of model loading and streaming
+    model_dir, data_root = check_model_folder(model_dir), Path(data_root)
+    paths = DatasetPaths.from_root(data_root)
+    for name in (split, val_split):
+        paths.split_file(name)
     out = Path(out) if out else model_dir.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(str(model_dir))
     processor = load_image_processor(str(model_dir))
     embedding_model = embedding_model or default_embedding_model()
     similarity = SentenceSimilarity(embedding_model)
-    paths = DatasetPaths.from_root(data_root)
     cfg = load_config(None, [f"data.root={data_root}", f"model.arch={model_dir}"])
     cfg.data.max_seq_len = max_context
     labels_list = load_split(data_root, split, cfg.data.span_policy)[:max_clips]

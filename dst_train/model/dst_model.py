@@ -43,6 +43,21 @@ class HeadConfig:
     dst_weight: float = 1.0
 
 
+def check_model_folder(folder: str | Path) -> Path:
+    """``folder`` as a Path; raises FileNotFoundError naming what is missing when it is not a
+    dst-train model folder (the output of ``dst-train convert``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    for name in (CONFIG_FILE, HEADS_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{folder}: missing {name} (not a dst-train model folder; make one from a "
+                "checkpoint with `dst-train convert`)"
+            )
+    return folder
+
+
 class DSTModel(nn.Module):
     def __init__(self, backbone: SmolVLMBackbone, cfg: HeadConfig):
         super().__init__()
@@ -137,10 +152,7 @@ class DSTModel(nn.Module):
 
         from dst_train.model.backbone import load_hf_model
 
-        folder = Path(folder)
-        for name in (CONFIG_FILE, HEADS_FILE):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder}: missing {name} (not a dst-train model folder)")
+        folder = check_model_folder(folder)
         cfg = HeadConfig(**json.loads((folder / CONFIG_FILE).read_text()))
         hf = load_hf_model(str(folder), pretrained=True, dtype=dtype, attention=attention)
         model = cls(SmolVLMBackbone(hf, cfg.tokens_per_frame), cfg)

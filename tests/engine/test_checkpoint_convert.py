@@ -69,3 +69,14 @@ def test_oom_safety_net_halves_the_micro_batch_and_keeps_the_global_batch(
     assert (r["micro_batch_size"], r["accumulation"], r["train_batch_size"]) == (1, 4, 4)
     assert r["global_steps"] == 4  # 4 optimizer steps, none lost to the replay
     assert all(math.isfinite(x) for x in r["losses"])
+
+
+def test_convert_names_a_folder_without_a_complete_checkpoint(tmp_path, capsys):
+    from dst_train.cli import main
+
+    step = tmp_path / "checkpoints" / "step_5"  # a save that crashed before COMPLETE was written
+    step.mkdir(parents=True)
+    assert main(["convert", str(tmp_path), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}: no complete checkpoint"), err
+    assert not (tmp_path / "hf").exists()

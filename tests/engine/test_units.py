@@ -110,3 +110,37 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     json.dumps(cfg.train.__dict__)  # JSON-serialisable for logs
+
+
+def test_missing_inputs_are_all_named_before_anything_is_built(
+    demo_root, tiny_model_dir, tmp_path, capsys
+):
+    from dst_train.cli import main
+
+    good = [f"data.root={demo_root}", f"model.arch={tiny_model_dir}"]
+    assert load_config(None, good).path_problems() == []
+    assert load_config(None, ["data.root=x", "model.arch=org/some-hub-model"]).path_problems() == [
+        "data.root=x: x: not a dataset root (no prepared/ folder)"  # a hub name is not checked
+    ]
+    bad = [
+        f"data.root={demo_root}",
+        "data.val_split=dev",
+        f"model.arch={tmp_path}/no-model",
+        "train.ds_config=ds_configs/zero9.json",
+        f"data.feature_cache={tmp_path}/no-cache",
+        f"train.resume={tmp_path}",  # a folder, but no COMPLETE in it
+    ]
+    problems = load_config(None, bad).path_problems()
+    assert [p.split("=")[0].split(":")[0] for p in problems] == [
+        "data.root",
+        "model.arch",
+        "train.ds_config",
+        "data.feature_cache",
+        "train.resume",
+    ]
+    assert "split 'dev'" in problems[0]
+    demo_yaml = str(REPO / "launch/configs/demo.yaml")
+    assert main(["train", "--config", demo_yaml, *bad, f"output_dir={tmp_path}/run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: missing inputs:") and all(p in err for p in problems)
+    assert not (tmp_path / "run").exists()

@@ -66,3 +66,32 @@ def test_evaluate_rejects_a_stream_batch_below_one(tmp_path, capsys):
 
     assert main(["evaluate", str(tmp_path), "--data", str(tmp_path), "--stream-batch", "0"]) == 2
     assert "error: --stream-batch 0" in capsys.readouterr().err
+
+
+def test_evaluate_names_a_folder_that_is_not_a_model(demo_root, tmp_path, capsys):
+    from dst_train.cli import main
+
+    assert main(["evaluate", str(demo_root), "--data", str(demo_root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "dst_config.json" in err and "dst-train convert" in err
+    assert main(["evaluate", str(tmp_path / "nothing"), "--data", str(demo_root)]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+
+
+def test_evaluate_names_a_bad_dataset_or_split_before_loading(demo_root, tmp_path, capsys):
+    from dst_train.cli import main
+    from dst_train.model.dst_model import CONFIG_FILE, HEADS_FILE
+
+    folder = tmp_path / "hf"  # passes the folder check; nothing in it is loaded before the data
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text("{}")
+    (folder / HEADS_FILE).write_bytes(b"")
+    cases = [
+        (["--data", str(tmp_path / "nodata")], "not a dataset root"),
+        (["--data", str(demo_root), "--split", "nosuch"], "no prepared file for split 'nosuch'"),
+    ]
+    for extra, message in cases:
+        assert main(["evaluate", str(folder), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err
+        assert not (tmp_path / "eval").exists()  # nothing written for a run that cannot start
