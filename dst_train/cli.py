@@ -113,16 +113,21 @@ def _model_info(args: argparse.Namespace) -> int:
 
 
 def _cache_features(args: argparse.Namespace) -> int:
-    from dst_train.config import load_config
     from dst_train.model.frames import cache_dataset_features
 
-    cfg = load_config(args.config, args.overrides)
-    out = cache_dataset_features(cfg, args.out, batch_size=args.batch_size)
+    cfg = _run_config(args, check_feature_cache=False)
+    if cfg is None:
+        return 2
+    try:
+        out = cache_dataset_features(cfg, args.out, batch_size=args.batch_size)
+    except ValueError as e:  # the vision tower is trained, so its features cannot be cached
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote feature cache {out}; train with data.feature_cache={out}")
     return 0
 
 
-def _run_config(args: argparse.Namespace):
+def _run_config(args: argparse.Namespace, check_feature_cache: bool = True):
     """The run config of ``--config`` + overrides, or None after printing why it is unusable."""
     from dst_train.config import ConfigError, load_config
 
@@ -131,7 +136,7 @@ def _run_config(args: argparse.Namespace):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
-    problems = cfg.path_problems()
+    problems = cfg.path_problems(check_feature_cache)
     if problems:
         print("error: missing inputs:\n  " + "\n  ".join(problems), file=sys.stderr)
         return None

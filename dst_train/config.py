@@ -143,10 +143,11 @@ class RunConfig:
             problems.append("train.resume must be auto, never or a checkpoint folder")
         return problems
 
-    def path_problems(self) -> list[str]:
+    def path_problems(self, check_feature_cache: bool = True) -> list[str]:
         """Every missing input on disk at once (dataset root and splits, a local model folder, the
         DeepSpeed template, the feature cache, an explicit resume folder), so a launch fails in
-        seconds instead of after the model is built. Empty when all are there."""
+        seconds instead of after the model is built. Empty when all are there.
+        ``check_feature_cache=False`` for the job that builds the cache."""
         from dst_train.data.dataset import DatasetPaths
         from dst_train.engine.checkpoint import COMPLETE
         from dst_train.engine.ds_config import resolve_template_path
@@ -167,8 +168,9 @@ class RunConfig:
             resolve_template_path(self.train.ds_config)
         except FileNotFoundError as e:
             problems.append(f"train.ds_config: {e}")
-        if self.data.feature_cache and not Path(self.data.feature_cache).is_dir():
-            problems.append(f"data.feature_cache={self.data.feature_cache}: no such folder")
+        cache = self.data.feature_cache
+        if check_feature_cache and cache and not Path(cache).is_dir():
+            problems.append(f"data.feature_cache={cache}: no such folder")
         resume = self.train.resume
         if resume not in ("auto", "never") and not (Path(resume) / COMPLETE).is_file():
             problems.append(f"train.resume={resume}: not a complete checkpoint (no {COMPLETE})")

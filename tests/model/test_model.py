@@ -189,3 +189,31 @@ def test_real_architectures_build_on_meta_with_the_right_size():
 def test_precision_of_this_machine_is_cpu_safe():
     assert resolve_precision(ModelConfig(), capability=None).dtype == "fp32"
     assert resolve_precision(ModelConfig(), capability=(7, 5)).dtype == "fp16"
+
+
+def test_cache_features_command_builds_the_cache_training_reads(
+    demo_root, tiny_model_dir, tmp_path
+):
+    from dst_train.cli import main
+
+    paths = [f"data.root={demo_root}", f"model.arch={tiny_model_dir}"]
+    out = tmp_path / "cache"
+    # the run's own config may already name the cache it is about to build
+    args = ["cache-features", "--config", "/dev/null", "--out", str(out), "--batch-size", "5"]
+    assert main([*args, *paths, f"data.feature_cache={out}"]) == 0
+    _, model, online = _setup(demo_root, tiny_model_dir)
+    _, _, cached = _setup(demo_root, tiny_model_dir, f"data.feature_cache={out}")
+    assert "pixel_values" not in cached  # read from the cache the command wrote (key checked)
+    for k in ("speak_logits", "update_logits"):
+        torch.testing.assert_close(model(**online)[k], model(**cached)[k], rtol=1e-3, atol=1e-3)
+
+
+def test_cache_features_refuses_a_trained_vision_tower(demo_root, tiny_model_dir, tmp_path, capsys):
+    from dst_train.cli import main
+
+    args = ["cache-features", "--config", "/dev/null", "--out", str(tmp_path / "c")]
+    paths = [f"data.root={demo_root}", f"model.arch={tiny_model_dir}"]
+    assert main([*args, *paths, "model.freeze_vision=false"]) == 2
+    assert "error: a feature cache needs a frozen vision tower" in capsys.readouterr().err
+    assert main([*args, "data.root=/nowhere", f"model.arch={tiny_model_dir}"]) == 2
+    assert "error: missing inputs:\n  data.root=/nowhere" in capsys.readouterr().err
