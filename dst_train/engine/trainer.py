@@ -248,6 +248,7 @@ def fit(cfg: RunConfig) -> dict:
         t.micro_batch_size,
         s["grad_accum"] * t.micro_batch_size * world,
         rank,
+        world,
     )
     engine.train()
     while state["step"] < t.max_steps:
@@ -294,14 +295,29 @@ class MicroBatchRunner:
     """Runs one optimizer step's micro-batches through the engine. With ``oom_retry``, a CUDA
     out-of-memory error halves the micro-batch: each loader batch is then split in 2, 4, …
     chunks, DeepSpeed's accumulation doubles so the global batch stays the same, and the step is
-    replayed from its first micro-batch (partial gradients are dropped)."""
+    replayed from its first micro-batch (partial gradients are dropped).
+
+    With several ranks, every rank's batch differs, so one rank may run out of memory in a
+    forward the others get through. The ranks then agree after each forward (one 1-element
+    all-reduce) and all halve together; otherwise the others would go on into backward's gradient
+    collectives while that rank replays, and the run would die on mismatched collectives. An OOM
+    inside backward on some ranks only cannot be recovered this way: the run stops."""
 
     def __init__(
-        self, engine, collate, device, oom_retry: bool, micro: int, global_batch: int, rank: int
+        self,
+        engine,
+        collate,
+        device,
+        oom_retry: bool,
+        micro: int,
+        global_batch: int,
+        rank: int,
+        world: int = 1,
     ):
         self.engine, self.collate, self.device = engine, collate, device
         self.oom_retry, self.micro, self.global_batch = oom_retry, micro, global_batch
         self.rank = rank
+        self.agree = oom_retry and world > 1
         self.chunks = 1
 
     @property
@@ -326,13 +342,31 @@ class MicroBatchRunner:
             size = math.ceil(len(items) / self.chunks)
             for c in range(0, len(items), size):
                 batch = self.collate(items[c : c + size])
-                out = self.engine(**to_device(batch, self.device))
+                out = self._forward(batch)
                 self.engine.backward(out["loss"])
                 self.engine.step()
                 sums[: len(LOSSES)] += torch.tensor([out[k].item() for k in LOSSES]) / self.chunks
                 sums[-2] += batch["attention_mask"].sum().item()
                 sums[-1] += batch["input_ids"].shape[0]
         return sums
+
+    def _forward(self, batch: dict) -> dict:
+        """The engine's forward; raises OutOfMemoryError on every rank when any rank ran out."""
+        try:
+            out, failed = self.engine(**to_device(batch, self.device)), False
+        except torch.OutOfMemoryError:
+            if not self.agree:
+                raise
+            out, failed = None, True
+        if self.agree:
+            flag = torch.tensor([float(failed)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item():
+                raise torch.OutOfMemoryError(
+                    "CUDA out of memory in this micro-batch's forward on "
+                    + ("this rank" if failed else "another rank")
+                )
+        return out
 
     def _halve(self, window_start: int) -> None:
         self.engine.zero_grad()

@@ -1,6 +1,7 @@
-"""Run inside one plain `python` process: train with ``train.oom_retry`` while every forward of
-more than one sample raises an out-of-memory error (what a too-large micro-batch does on a GPU).
-Prints one JSON object of findings."""
+"""Train with ``train.oom_retry`` while every forward of more than one sample raises an
+out-of-memory error (what a too-large micro-batch does on a GPU) — on every rank, or with
+``rank1`` as the 4th argument only on rank 1 (the other ranks' batches fit). Run with plain
+`python` (one process) or torchrun. Prints one JSON object of findings per rank."""
 
 import json
 import sys
@@ -13,12 +14,14 @@ from dst_train.engine import trainer
 from dst_train.model.dst_model import DSTModel
 
 demo_root, tiny, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+only_rank1 = sys.argv[4:] == ["rank1"]
 real_forward = DSTModel.forward
 calls = {"oom": 0}
 
 
 def forward_with_a_memory_cap(self, *args, **kw):
-    if kw["input_ids"].shape[0] > 1:
+    hit = not only_rank1 or torch.distributed.get_rank() == 1
+    if hit and kw["input_ids"].shape[0] > 1:
         calls["oom"] += 1
         raise torch.OutOfMemoryError("CUDA out of memory (simulated: micro-batch > 1)")
     return real_forward(self, *args, **kw)
@@ -57,6 +60,7 @@ print(
     "RESULT "
     + json.dumps(
         {
+            "rank": torch.distributed.get_rank(),
             "oom_calls": calls["oom"],
             "micro_batches": [r["micro_batch"] for r in rows if r["kind"] == "train"],
             "train_batch_size": engine.train_batch_size(),
