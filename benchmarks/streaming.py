@@ -82,9 +82,12 @@ def main() -> None:
     p.add_argument("--speak-threshold", type=float, default=0.5)
     p.add_argument("--update-threshold", type=float, default=0.5)
     p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--device", default="auto", help="auto (GPU if visible), cpu, cuda[:N]")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--smoke", action="store_true", help="tiny random model, short clips")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     args = p.parse_args()
+    from dst_train.eval.evaluate import DTYPES, inference_device
     from dst_train.model.dst_model import DSTModel
 
     tmp = tempfile.TemporaryDirectory()
@@ -96,7 +99,8 @@ def main() -> None:
         model_dir = Path(args.model or "runs/demo/hf")
         data = Path(args.data or "runs/demo/data")
     torch.manual_seed(0)
-    model = DSTModel.from_pretrained(model_dir).eval()
+    device = inference_device(args.device)
+    model = DSTModel.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(device).eval()
     tok = load_tokenizer(str(model_dir))
     builder = SequenceBuilder(
         tok, model.backbone.chat, model.backbone.image_token_id, model.backbone.tokens_per_frame
@@ -108,6 +112,7 @@ def main() -> None:
         args.speak_threshold,
         args.update_threshold,
         max_new_tokens=args.max_new_tokens,
+        device=device,
     )
     jobs = jobs_for(data, args.split, load_image_processor(str(model_dir)), args.clips)
     frames = sum(j.labels.clip.end_frame_idx - j.labels.clip.start_frame_idx for j in jobs)
@@ -115,6 +120,8 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         t0 = time.perf_counter()
         traces = assistant.run_many(jobs, batch_size=batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         flat = [t for clip in traces for t in clip]
         base = base or (flat, dt)
@@ -135,7 +142,17 @@ def main() -> None:
     print(table(rows, cols))
     name = "streaming_smoke" if args.smoke else "streaming"
     print(
-        write_result(name, {"model": str(model_dir), "split": args.split, "rows": rows}, args.out)
+        write_result(
+            name,
+            {
+                "model": str(model_dir),
+                "split": args.split,
+                "ran_on": str(device),  # "device" is the machine (common.environment)
+                "dtype": args.dtype,
+                "rows": rows,
+            },
+            args.out,
+        )
     )
     tmp.cleanup()
 

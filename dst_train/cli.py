@@ -208,11 +208,16 @@ def _convert(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dst_train.data.dst_tree import DSTFormatError
     from dst_train.data.proassist import DataFormatError
-    from dst_train.eval.evaluate import evaluate
+    from dst_train.eval.evaluate import evaluate, inference_device
     from dst_train.eval.report import table
 
     if args.stream_batch < 1:
         print(f"error: --stream-batch {args.stream_batch}: need at least 1", file=sys.stderr)
+        return 2
+    try:
+        inference_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        print(f"error: --device {args.device}: {e}", file=sys.stderr)
         return 2
     try:
         report = evaluate(
@@ -227,6 +232,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             max_clips=args.max_clips,
             baseline_clips=args.baseline_clips,
             stream_batch=args.stream_batch,
+            device=args.device,
+            dtype=args.dtype,
         )
     except (FileNotFoundError, DataFormatError, DSTFormatError) as e:  # the message names the file
         print(f"error: {e}", file=sys.stderr)
@@ -383,6 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="clips streamed at once, one per batch row (traces do not depend on it)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the first GPU if one is visible, else CPU), cpu, cuda or cuda:N",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="weights and activations (fp16 on a Titan RTX; fp32 is the reference)",
     )
     p.add_argument(
         "--baseline-clips",

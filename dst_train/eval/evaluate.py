@@ -27,12 +27,32 @@ from dst_train.eval.text_metrics import caption_scores
 THRESHOLDS = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
 
 
-def load_models(model_dir: Path, baseline: bool, seed: int = 0):
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CPU = torch.device("cpu")
+
+
+def inference_device(device: str = "auto") -> torch.device:
+    """``auto`` = the first GPU when one is visible, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)  # raises RuntimeError on a malformed name
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is visible")
+    return dev
+
+
+def load_models(
+    model_dir: Path,
+    baseline: bool,
+    seed: int = 0,
+    device: torch.device = CPU,
+    dtype: torch.dtype = torch.float32,
+):
     from dst_train.config import ModelConfig
     from dst_train.model.build import Precision, build_model
     from dst_train.model.dst_model import DSTModel
 
-    models = {"model": DSTModel.from_pretrained(model_dir)}
+    models = {"model": DSTModel.from_pretrained(model_dir, dtype=dtype).to(device)}
     if baseline:
         torch.manual_seed(seed)
         cfg = models["model"].cfg
@@ -46,20 +66,22 @@ def load_models(model_dir: Path, baseline: bool, seed: int = 0):
             cfg,
             Precision("fp32", "sdpa"),
         )
-        models["baseline"] = untrained
+        models["baseline"] = untrained.to(device, dtype)
     return models
 
 
 @torch.no_grad()
-def frame_probabilities(model, dataset, collate) -> dict[str, np.ndarray]:
+def frame_probabilities(
+    model, dataset, collate, device: torch.device = CPU
+) -> dict[str, np.ndarray]:
     """Teacher-forced speak/update probabilities and labels of every frame of ``dataset``."""
     model.eval()
     out = {"speak_p": [], "update_p": [], "speak": [], "update": []}
     for i in range(len(dataset)):
         batch = collate([dataset[i]])
-        res = model(**batch)
-        out["speak_p"].append(torch.sigmoid(res["speak_logits"].float()).numpy())
-        out["update_p"].append(torch.sigmoid(res["update_logits"].float()).numpy())
+        res = model(**{k: v.to(device) for k, v in batch.items()})
+        for head in ("speak", "update"):
+            out[f"{head}_p"].append(torch.sigmoid(res[f"{head}_logits"].float()).cpu().numpy())
         out["speak"].append(batch["speak"].numpy())
         out["update"].append(batch["update"].numpy())
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
@@ -99,6 +121,7 @@ def run_split(
     max_new_tokens: int,
     trace_dir: Path | None,
     stream_batch: int = 8,
+    device: torch.device = CPU,
 ) -> list[dict]:
     """Stream every clip of ``labels_list`` (``stream_batch`` at once) and write each trace to
     ``trace_dir/<video>_<clip>.jsonl`` as its clip finishes."""
@@ -112,6 +135,7 @@ def run_split(
         thresholds["update"],
         max_context=max_context,
         max_new_tokens=max_new_tokens,
+        device=device,
     )
     jobs = []
     for labels in labels_list:
@@ -211,6 +235,8 @@ def evaluate(
     baseline_clips: int | None = None,
     val_split: str = "val",
     stream_batch: int = 8,
+    device: str = "auto",
+    dtype: str = "fp32",
 ) -> dict:
     from dst_train.config import load_config
     from dst_train.data.collate import make_collate
@@ -227,6 +253,9 @@ def evaluate(
     t0 = time.perf_counter()
     # bad arguments fail here, before minutes of model loading and streaming
     model_dir, data_root = check_model_folder(model_dir), Path(data_root)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    dev = inference_device(device)
     paths = DatasetPaths.from_root(data_root)
     for name in (split, val_split):
         paths.split_file(name)
@@ -262,8 +291,10 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         "baseline_clips": baseline_clips if baseline else None,
         "stream_batch": stream_batch,
+        "device": str(dev),
+        "dtype": dtype,
     }
-    for name, model in load_models(model_dir, baseline).items():
+    for name, model in load_models(model_dir, baseline, device=dev, dtype=DTYPES[dtype]).items():
         model.eval()
         builder = SequenceBuilder(
             tokenizer,
@@ -274,7 +305,8 @@ def evaluate(
         )
         cfg.model.tokens_per_frame = model.backbone.tokens_per_frame
         val = make_dataset(cfg, val_split, tokenizer, model.backbone, processor)
-        probs = frame_probabilities(model, val, make_collate(tokenizer.pad_token_id, False))
+        collate = make_collate(tokenizer.pad_token_id, False)
+        probs = frame_probabilities(model, val, collate, dev)
         curves = {h: sweep(probs[f"{h}_p"], probs[h]) for h in ("speak", "update")}
         thresholds = {h: best_threshold(c) for h, c in curves.items()}
         videos = run_split(
@@ -289,6 +321,7 @@ def evaluate(
             max_new_tokens,
             out / "traces" if name == "model" else None,
             stream_batch,
+            dev,
         )
         key = "metrics" if name == "model" else "baseline_metrics"
         report[key] = _flat(score(videos, similarity))

@@ -148,7 +148,9 @@ class _Row:
         i = self.next
         if self.window is None or i >= self.window_start + len(self.window):
             ids = self.frame_ids[i : i + frame_batch]
-            self.window, self.window_start = model.frame_embeddings(**self.job.frames(ids)), i
+            device = next(model.parameters()).device  # frames are loaded on the CPU
+            inputs = {k: v.to(device) for k, v in self.job.frames(ids).items()}
+            self.window, self.window_start = model.frame_embeddings(**inputs), i
         return self.window[i - self.window_start]
 
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from dst_train.eval.report import REPORT_KEYS
@@ -13,15 +14,22 @@ from tests.conftest import tiny_run_config
 from tests.engine.helpers import REPO
 
 
-def test_evaluate_writes_the_report_with_a_baseline_row(demo_root, tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def model_folder(demo_root, tiny_model_dir, tmp_path_factory):
+    """A random tiny model saved the way `dst-train convert` lays its folder out."""
     cfg = tiny_run_config(demo_root, tiny_model_dir)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa"))
-    folder = tmp_path / "hf"
-    model.backbone.hf.save_pretrained(folder)  # a folder laid out like `dst-train convert`'s
+    folder = tmp_path_factory.mktemp("eval-model") / "hf"
+    model.backbone.hf.save_pretrained(folder)
     model.save_heads(folder)
     load_tokenizer(cfg.model.arch).save_pretrained(folder)
     load_image_processor(cfg.model.arch).save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_writes_the_report_with_a_baseline_row(demo_root, model_folder, tmp_path):
+    folder = model_folder
     proc = subprocess.run(
         [
             sys.executable,
@@ -95,3 +103,33 @@ def test_evaluate_names_a_bad_dataset_or_split_before_loading(demo_root, tmp_pat
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err
         assert not (tmp_path / "eval").exists()  # nothing written for a run that cannot start
+
+
+def test_evaluate_in_bf16_agrees_with_fp32(demo_root, model_folder, tmp_path):
+    from dst_train.eval.evaluate import evaluate
+
+    reports, traces = {}, {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        kw = dict(out=out, max_clips=1, max_new_tokens=2, stream_batch=1, device="cpu")
+        reports[dtype] = evaluate(model_folder, demo_root, dtype=dtype, **kw)
+        [trace] = (out / "traces").glob("*.jsonl")
+        traces[dtype] = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert (reports["bf16"]["dtype"], reports["bf16"]["device"]) == ("bf16", "cpu")
+    assert len(traces["bf16"]) == len(traces["fp32"]) > 0
+    # the first frame only: later frames follow each run's own (rounding-dependent) decisions
+    a, b = traces["fp32"][0], traces["bf16"][0]
+    for key in ("speak_prob", "update_prob"):
+        assert b[key] == pytest.approx(a[key], abs=0.03)
+    assert (a["speak_prob"], a["update_prob"]) != (b["speak_prob"], b["update_prob"])  # bf16 ran
+
+
+def test_evaluate_rejects_a_device_it_cannot_use(tmp_path, capsys):
+    from dst_train.cli import main
+
+    args = ["evaluate", str(tmp_path), "--data", str(tmp_path), "--device"]
+    assert main([*args, "tpu:x"]) == 2
+    assert "error: --device tpu:x" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "cuda"]) == 2
+        assert "no CUDA GPU is visible" in capsys.readouterr().err
