@@ -160,8 +160,13 @@ class RunConfig:
         except ValueError as e:
             problems.append(f"data.root={self.data.root}: {e}")
         arch = self.model.arch
-        # a hub name is "namespace/name"; anything else that is not on disk is a missing folder
-        looks_local = arch.startswith(("/", ".", "~")) or arch.count("/") != 1
+        # a hub name is "namespace/name"; anything else that is not on disk is a missing folder,
+        # and so is "runs/x" when ./runs is a local folder
+        looks_local = (
+            arch.startswith(("/", ".", "~"))
+            or arch.count("/") != 1
+            or Path(arch.split("/")[0]).is_dir()
+        )
         if (looks_local or Path(arch).exists()) and not (Path(arch) / "config.json").is_file():
             problems.append(f"model.arch={arch}: no model folder there (no config.json)")
         try:

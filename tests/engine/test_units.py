@@ -113,7 +113,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_missing_inputs_are_all_named_before_anything_is_built(
-    demo_root, tiny_model_dir, tmp_path, capsys
+    demo_root, tiny_model_dir, tmp_path, capsys, monkeypatch
 ):
     from dst_train.cli import main
 
@@ -121,6 +121,11 @@ def test_missing_inputs_are_all_named_before_anything_is_built(
     assert load_config(None, good).path_problems() == []
     assert load_config(None, ["data.root=x", "model.arch=org/some-hub-model"]).path_problems() == [
         "data.root=x: x: not a dataset root (no prepared/ folder)"  # a hub name is not checked
+    ]
+    local_parent = f"model.arch={tmp_path.name}/no-model"  # ./<tmp dir>/no-model, not a hub id
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_config(None, [*good[:1], local_parent]).path_problems() == [
+        f"{local_parent}: no model folder there (no config.json)"
     ]
     bad = [
         f"data.root={demo_root}",
