@@ -208,7 +208,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dst_train.data.dst_tree import DSTFormatError
     from dst_train.data.proassist import DataFormatError
-    from dst_train.eval.evaluate import evaluate, inference_device
+    from dst_train.eval.evaluate import StaleTraces, evaluate, inference_device
     from dst_train.eval.report import table
 
     if args.stream_batch < 1:
@@ -234,8 +234,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             stream_batch=args.stream_batch,
             device=args.device,
             dtype=args.dtype,
+            resume=args.resume,
         )
-    except (FileNotFoundError, DataFormatError, DSTFormatError) as e:  # the message names the file
+    except (FileNotFoundError, DataFormatError, DSTFormatError, StaleTraces) as e:  # names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(report))
@@ -395,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         default="auto",
         help="auto (the first GPU if one is visible, else CPU), cpu, cuda or cuda:N",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="read back the traces an interrupted run with the same settings wrote to "
+        "OUT/traces and stream only the remaining clips",
     )
     p.add_argument(
         "--dtype",

@@ -109,6 +109,41 @@ def best_threshold(rows: list[dict]) -> float:
     return max(rows, key=lambda r: (r["f1"], -abs(r["threshold"] - 0.5)))["threshold"]
 
 
+class StaleTraces(ValueError):
+    """``--resume`` found traces made with other settings."""
+
+
+SETTINGS_FILE = "settings.json"
+
+
+def trace_file(trace_dir: Path, clip) -> Path:
+    return trace_dir / f"{clip.video_uid}_{clip.clip_idx}.jsonl"
+
+
+def finished_traces(trace_dir: Path, settings: dict, labels_list) -> dict[int, list]:
+    """Traces of an earlier run with the same ``settings`` (clip index → traces), for
+    ``--resume``; raises :class:`StaleTraces` naming the setting that changed."""
+    from dst_train.infer.stream import FrameTrace
+
+    path = trace_dir / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    changed = [k for k in settings if old.get(k) != settings[k]]
+    if changed:
+        k = changed[0]
+        raise StaleTraces(
+            f"{trace_dir}: traces were made with {k}={old.get(k)!r}, this run has "
+            f"{settings[k]!r}; remove the folder or run without --resume"
+        )
+    found = {}
+    for i, labels in enumerate(labels_list):
+        f = trace_file(trace_dir, labels.clip)
+        if f.is_file():  # written atomically: a file there is a whole clip
+            found[i] = [FrameTrace(**json.loads(x)) for x in f.read_text().splitlines()]
+    return found
+
+
 def run_split(
     model,
     tokenizer,
@@ -122,10 +157,20 @@ def run_split(
     trace_dir: Path | None,
     stream_batch: int = 8,
     device: torch.device = CPU,
+    settings: dict | None = None,
+    resume: bool = False,
 ) -> list[dict]:
     """Stream every clip of ``labels_list`` (``stream_batch`` at once) and write each trace to
-    ``trace_dir/<video>_<clip>.jsonl`` as its clip finishes."""
+    ``trace_dir/<video>_<clip>.jsonl`` as its clip finishes, next to ``settings.json`` (what the
+    traces depend on). With ``resume``, clips whose trace an earlier run with the same settings
+    wrote are read back instead of streamed."""
     from dst_train.infer.stream import StreamingAssistant, StreamJob
+
+    settings = settings or {}
+    done_before = finished_traces(trace_dir, settings, labels_list) if resume and trace_dir else {}
+    if trace_dir is not None:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        (trace_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
 
     assistant = StreamingAssistant(
         model,
@@ -145,22 +190,23 @@ def run_split(
             return {"pixel_values": frame_source.load(_file, ids)}
 
         jobs.append(StreamJob(labels, trees.get(clip.video_uid), frames))
-    progress = tqdm(total=len(jobs), desc="streaming", unit="video")
+    todo = [i for i in range(len(jobs)) if i not in done_before]
+    progress = tqdm(total=len(todo), desc="streaming", unit="video")
 
-    def done(i: int, traces) -> None:
+    def done(k: int, traces) -> None:
         progress.update()
         if trace_dir is not None:
-            clip = jobs[i].labels.clip
-            trace_dir.mkdir(parents=True, exist_ok=True)
-            (trace_dir / f"{clip.video_uid}_{clip.clip_idx}.jsonl").write_text(
-                "".join(json.dumps(t.to_dict()) + "\n" for t in traces)
-            )
+            path = trace_file(trace_dir, jobs[todo[k]].labels.clip)
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(t.to_dict()) + "\n" for t in traces))
+            tmp.replace(path)  # a crash mid-write never leaves half a trace for --resume
 
-    all_traces = assistant.run_many(jobs, batch_size=stream_batch, on_done=done)
+    streamed = assistant.run_many([jobs[i] for i in todo], batch_size=stream_batch, on_done=done)
     progress.close()
+    all_traces = {**done_before, **dict(zip(todo, streamed, strict=True))}
     return [
-        {"labels": job.labels, "tree": job.tree, "traces": traces}
-        for job, traces in zip(jobs, all_traces, strict=True)
+        {"labels": job.labels, "tree": job.tree, "traces": all_traces[i]}
+        for i, job in enumerate(jobs)
     ]
 
 
@@ -237,6 +283,7 @@ def evaluate(
     stream_batch: int = 8,
     device: str = "auto",
     dtype: str = "fp32",
+    resume: bool = False,
 ) -> dict:
     from dst_train.config import load_config
     from dst_train.data.collate import make_collate
@@ -322,6 +369,16 @@ def evaluate(
             out / "traces" if name == "model" else None,
             stream_batch,
             dev,
+            settings={
+                "model_dir": str(model_dir.resolve()),
+                "data": str(data_root.resolve()),
+                "split": split,
+                "thresholds": thresholds,
+                "max_context": max_context,
+                "max_new_tokens": max_new_tokens,
+                "dtype": dtype,
+            },
+            resume=resume,
         )
         key = "metrics" if name == "model" else "baseline_metrics"
         report[key] = _flat(score(videos, similarity))

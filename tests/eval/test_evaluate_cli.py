@@ -133,3 +133,37 @@ def test_evaluate_rejects_a_device_it_cannot_use(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main([*args, "cuda"]) == 2
         assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_evaluate_resume_streams_only_the_clips_without_a_trace(
+    demo_root, model_folder, tmp_path, monkeypatch, capsys
+):
+    from dst_train.eval import evaluate as ev
+    from dst_train.infer.stream import StreamingAssistant
+
+    out = tmp_path / "eval"
+    kw = dict(out=out, split="train", max_clips=3, max_new_tokens=2, stream_batch=2, device="cpu")
+    first = ev.evaluate(model_folder, demo_root, **kw)
+    traces = sorted((out / "traces").glob("*.jsonl"))
+    assert len(traces) == first["clips"] >= 2
+    kept = {p.name: p.read_text() for p in traces}
+    traces[1].unlink()  # the run stopped before this clip finished ...
+    traces[1].with_suffix(".jsonl.tmp").write_text('{"frame": 0, "ti')  # ... mid-write
+    streamed, real = [], StreamingAssistant.run_many
+
+    def counting(self, jobs, *args, **kwargs):
+        streamed.extend(f"{j.labels.clip.video_uid}_{j.labels.clip.clip_idx}.jsonl" for j in jobs)
+        return real(self, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(StreamingAssistant, "run_many", counting)
+    second = ev.evaluate(model_folder, demo_root, resume=True, **kw)
+    assert streamed == [traces[1].name]
+    assert second["metrics"] == first["metrics"]
+    assert {p.name: p.read_text() for p in sorted((out / "traces").glob("*.jsonl"))} == kept
+    from dst_train.cli import main
+
+    args = [str(model_folder), "--data", str(demo_root), "--out", str(out), "--split", "train"]
+    args += ["--max-clips", "3", "--device", "cpu", "--max-new-tokens", "3", "--resume"]
+    assert main(["evaluate", *args]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "max_new_tokens=2, this run has 3" in err
