@@ -170,6 +170,9 @@ def run_split(
     done_before = finished_traces(trace_dir, settings, labels_list) if resume and trace_dir else {}
     if trace_dir is not None:
         trace_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a fresh run owns the folder: no trace of other settings may stay behind
+            for old in (*trace_dir.glob("*.jsonl"), *trace_dir.glob("*.jsonl.tmp")):
+                old.unlink()
         (trace_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
 
     assistant = StreamingAssistant(

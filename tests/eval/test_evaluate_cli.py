@@ -167,3 +167,7 @@ def test_evaluate_resume_streams_only_the_clips_without_a_trace(
     assert main(["evaluate", *args]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "max_new_tokens=2, this run has 3" in err
+    # a run without --resume starts the folder afresh: the other clips' traces (made with other
+    # settings) must not be there for a later --resume to pick up
+    assert main(["evaluate", *args[:-1], "--max-clips", "1"]) == 0
+    assert [p.name for p in (out / "traces").glob("*.jsonl*")] == [traces[0].name]
