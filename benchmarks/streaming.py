@@ -87,8 +87,9 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny random model, short clips")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     args = p.parse_args()
-    from dst_train.eval.evaluate import DTYPES, inference_device
+    from dst_train.eval.evaluate import inference_device
     from dst_train.model.dst_model import DSTModel
+    from dst_train.model.precision import DTYPES
 
     tmp = tempfile.TemporaryDirectory()
     if args.smoke:

@@ -3,7 +3,8 @@
 1. Thresholds: one teacher-forced pass over the val split gives every frame's speak/update
    probability; the threshold maximising frame-level F1 is chosen per head (cheap: no decoding).
 2. Streaming: every test clip runs through :class:`StreamingAssistant` with those thresholds; the
-   per-frame trace is written to ``OUT/traces/<video>.jsonl``.
+   per-frame trace is written to ``OUT/traces/<video>_<clip>.jsonl`` (with ``settings.json``:
+   what the traces depend on, checked by ``--resume``).
 3. Metrics (speaking, text, DST), ``report.json``, ``report.md``, plots; with ``--baseline`` the
    same for an untrained model of the same architecture (its thresholds chosen the same way).
 """
@@ -23,11 +24,11 @@ from dst_train.eval.dst_metrics import dst_scores
 from dst_train.eval.report import REPORT_KEYS
 from dst_train.eval.speaking import SentenceSimilarity, match_turns, speaking_scores
 from dst_train.eval.text_metrics import caption_scores
+from dst_train.model.precision import DTYPES
 
 THRESHOLDS = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CPU = torch.device("cpu")
 
 

@@ -143,13 +143,12 @@ class _Row:
     def done(self) -> bool:
         return self.next >= len(self.frame_ids)
 
-    def frame_embeds(self, model, frame_batch: int) -> torch.Tensor:
+    def frame_embeds(self, model, frame_batch: int, device: torch.device) -> torch.Tensor:
         """(k, H) embeddings of the next frame; the vision tower runs once per window."""
         i = self.next
         if self.window is None or i >= self.window_start + len(self.window):
             ids = self.frame_ids[i : i + frame_batch]
-            device = next(model.parameters()).device  # frames are loaded on the CPU
-            inputs = {k: v.to(device) for k, v in self.job.frames(ids).items()}
+            inputs = {k: v.to(device) for k, v in self.job.frames(ids).items()}  # loaded on CPU
             self.window, self.window_start = model.frame_embeddings(**inputs), i
         return self.window[i - self.window_start]
 
@@ -242,8 +241,12 @@ class StreamingAssistant:
                     for r, row in refresh.items()
                 }
             )
-        frames = {r: row.frame_embeds(self.model, self.frame_batch) for r, row in live.items()}
-        hidden = cache.feed({r: e.to(self.device) for r, e in frames.items()})
+        hidden = cache.feed(
+            {
+                r: row.frame_embeds(self.model, self.frame_batch, self.device)
+                for r, row in live.items()
+            }
+        )
         h = torch.stack([hidden[r] for r in live])
         speak = torch.sigmoid(self.model.speak_head(h)).flatten().tolist()
         update = torch.sigmoid(self.model.update_head(h)).flatten().tolist()
