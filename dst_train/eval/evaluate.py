@@ -19,11 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dst_train.data.dst_tree import parse_transitions
 from dst_train.eval.dst_metrics import dst_scores
 from dst_train.eval.report import REPORT_KEYS
-from dst_train.eval.speaking import SentenceSimilarity, match_turns, speaking_scores
-from dst_train.eval.text_metrics import caption_scores
+from dst_train.eval.score import VideoTurns, score_videos, write_score_file
+from dst_train.eval.speaking import SentenceSimilarity
 from dst_train.model.precision import DTYPES
 
 THRESHOLDS = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
@@ -214,37 +213,56 @@ def run_split(
     ]
 
 
-def score(videos: list[dict], similarity, fps_tolerance_s: float = 1.0) -> dict:
-    matches, pairs, dst_inputs = [], [], []
-    for v in videos:
-        labels, traces, tree = v["labels"], v["traces"], v["tree"]
-        s0 = labels.start
-        gen = [t.response for t in traces]
-        ref = [" ".join(labels.responses.get(s0 + i, [])) for i in range(len(traces))]
-        m = match_turns(gen, ref, similarity, fps=labels.clip.fps)
-        matches.append(m)
-        pairs += [(gen[i], ref[j]) for i, j, s in m.matched if s > 0.5]
-        if tree is not None:
-            fps = labels.clip.fps
-            dst_inputs.append(
-                {
-                    "pred_states": [t.state for t in traces],
-                    "ref_states": [tree.state_before((t.frame + 1) / fps) for t in traces],
-                    "pred_updates": {
-                        t.frame: _changes(t.dst_text)
-                        for t in traces
-                        if t.dst_text or t.dst_valid is not None
-                    },
-                    "ref_updates": {f: parse_transitions(x) for f, x in labels.dst_updates.items()},
-                    "valid": [bool(t.dst_valid) for t in traces if t.dst_valid is not None],
-                }
-            )
-    tolerance = round(fps_tolerance_s * (videos[0]["labels"].clip.fps if videos else 2.0))
+def reference_text(labels, frame: int) -> str:
+    """ProAssist's reference at absolute ``frame``: the first assistant turn after that frames
+    block (user turns in between are inputs), a lone "." being silence."""
+    text = labels.responses.get(frame, [""])[0]
+    return "" if text.strip() == "." else text
+
+
+def video_turns(v: dict) -> VideoTurns:
+    """One streamed clip as the score format's frames (``dst-train score`` input)."""
+    labels, traces = v["labels"], v["traces"]
+    clip = labels.clip
+    return VideoTurns(
+        f"{clip.video_uid}_{clip.clip_idx}",
+        clip.fps,
+        clip.dataset,
+        [t.response for t in traces],
+        [reference_text(labels, labels.start + i) for i in range(len(traces))],
+    )
+
+
+def dst_inputs(v: dict) -> dict | None:
+    labels, traces, tree = v["labels"], v["traces"], v["tree"]
+    if tree is None:
+        return None
+    fps, s0 = labels.clip.fps, labels.start
     return {
-        **speaking_scores(matches),
-        **caption_scores(pairs),
-        **dst_scores(dst_inputs, tolerance=tolerance),
+        "pred_states": [t.state for t in traces],
+        # the reference state after frame f is the state just before frame f + 1 starts
+        "ref_states": [tree.state_before((t.frame + 1) / fps) for t in traces],
+        "initial_state": labels.initial_state,
+        "pred_updates": [i for i, t in enumerate(traces) if t.dst_valid is not None],
+        "ref_updates": [f - s0 for f in labels.dst_updates],
+        "valid": [bool(t.dst_valid) for t in traces if t.dst_valid is not None],
+        "fps": fps,
     }
+
+
+def score(
+    videos: list[dict],
+    similarity,
+    keep_zero_cost: bool = False,
+    predictions_file: Path | None = None,
+) -> dict:
+    """ProAssist speaking + text metrics (exactly as ``dst-train score`` on the same turns)
+    and our DST metrics; ``predictions_file`` gets the turns in the score format."""
+    turns = [video_turns(v) for v in videos]
+    if predictions_file is not None:
+        write_score_file(turns, predictions_file)
+    dst = [d for d in map(dst_inputs, videos) if d is not None]
+    return {**score_videos(turns, similarity, keep_zero_cost), **dst_scores(dst)}
 
 
 def auto_max_new_tokens(tokenizer, labels_list) -> int:
@@ -265,13 +283,6 @@ def _flat(scores: dict) -> dict:
     }
 
 
-def _changes(text: str) -> dict:
-    try:
-        return parse_transitions(text)
-    except ValueError:
-        return {}
-
-
 def evaluate(
     model_dir: str | Path,
     data_root: str | Path,
@@ -288,6 +299,7 @@ def evaluate(
     device: str = "auto",
     dtype: str = "fp32",
     resume: bool = False,
+    keep_zero_cost: bool = False,
 ) -> dict:
     from dst_train.config import load_config
     from dst_train.data.collate import make_collate
@@ -296,7 +308,7 @@ def evaluate(
     from dst_train.data.pipeline import make_dataset
     from dst_train.data.sequence import SequenceBuilder
     from dst_train.eval.report import write_report
-    from dst_train.eval.speaking import default_embedding_model
+    from dst_train.eval.speaking import resolve_embedding_model
     from dst_train.model.backbone import load_image_processor, load_tokenizer
     from dst_train.model.dst_model import check_model_folder
     from dst_train.model.frames import FramePixels
@@ -314,7 +326,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(str(model_dir))
     processor = load_image_processor(str(model_dir))
-    embedding_model = embedding_model or default_embedding_model()
+    embedding_model = resolve_embedding_model(embedding_model)
     similarity = SentenceSimilarity(embedding_model)
     cfg = load_config(None, [f"data.root={data_root}", f"model.arch={model_dir}"])
     cfg.data.max_seq_len = max_context
@@ -344,6 +356,7 @@ def evaluate(
         "stream_batch": stream_batch,
         "device": str(dev),
         "dtype": dtype,
+        "keep_zero_cost_edges": keep_zero_cost,
     }
     for name, model in load_models(model_dir, baseline, device=dev, dtype=DTYPES[dtype]).items():
         model.eval()
@@ -385,10 +398,13 @@ def evaluate(
             resume=resume,
         )
         key = "metrics" if name == "model" else "baseline_metrics"
-        report[key] = _flat(score(videos, similarity))
+        preds = out / ("predictions.jsonl" if name == "model" else "baseline_predictions.jsonl")
+        report[key] = _flat(score(videos, similarity, keep_zero_cost, preds))
         if name == "model" and baseline and baseline_clips < len(labels_list):
             # the trained model on exactly the baseline's clips: the like-for-like comparison
-            report["metrics_on_baseline_clips"] = _flat(score(videos[:baseline_clips], similarity))
+            report["metrics_on_baseline_clips"] = _flat(
+                score(videos[:baseline_clips], similarity, keep_zero_cost)
+            )
         report[f"{name}_thresholds"] = thresholds
         report[f"{name}_threshold_curves"] = curves
         if name == "model":

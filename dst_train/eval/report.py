@@ -18,6 +18,7 @@ REPORT_KEYS = (
     "cider",
     "semantic_similarity",
     "dst_state_accuracy",
+    "dst_joint_accuracy",
     "update_f1",
     "transition_accuracy",
     "valid_dst_ratio",

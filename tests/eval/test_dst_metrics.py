@@ -10,13 +10,17 @@ from tests.conftest import write_tsv
 NS, IP, C = "not_started", "in_progress", "completed"
 
 
-def _video(pred_states, ref_states, pred_updates=None, ref_updates=None, valid=()):
+def _video(
+    pred_states, ref_states, pred_updates=(), ref_updates=(), valid=(), fps=2.0, initial=None
+):
     return {
         "pred_states": pred_states,
         "ref_states": ref_states,
-        "pred_updates": pred_updates or {},
-        "ref_updates": ref_updates or {},
+        "initial_state": initial if initial is not None else dict(ref_states[0]),
+        "pred_updates": list(pred_updates),
+        "ref_updates": list(ref_updates),
         "valid": list(valid),
+        "fps": fps,
     }
 
 
@@ -28,29 +32,87 @@ def test_state_accuracy_with_a_state_wrong_for_a_few_frames():
         pred[f] = {"1": IP, "1.1": IP, "1.2": IP}
     s = dst_scores([_video(pred, ref)])
     assert s["dst_state_accuracy"] == pytest.approx(27 / 30)
+    assert s["dst_joint_accuracy"] == pytest.approx(7 / 10)
+
+
+def test_a_model_that_never_updates_scores_high_per_node_low_per_frame():
+    # 4 nodes, the reference moves one node per frame; the model keeps the start state
+    start = {"a": NS, "b": NS, "c": NS, "d": NS}
+    ref = [start | {"a": C}, start | {"a": C, "b": C}, start | {"a": C, "b": C, "c": C}]
+    ref = [start, *ref]
+    s = dst_scores([_video([start] * 4, ref, initial=start)])
+    assert s["dst_state_accuracy"] == pytest.approx(10 / 16)
+    assert s["dst_joint_accuracy"] == pytest.approx(1 / 4)
 
 
 def test_a_missing_node_in_the_prediction_counts_as_wrong():
     s = dst_scores([_video([{"1": IP}], [{"1": IP, "1.1": NS}])])
-    assert s["dst_state_accuracy"] == 0.5
+    assert s["dst_state_accuracy"] == 0.5 and s["dst_joint_accuracy"] == 0.0
 
 
-def test_update_matching_uses_the_tolerance_one_to_one():
+def test_update_matching_is_a_maximum_one_to_one_matching():
     assert match_events([10, 11], [11], tolerance=2) == [(11, 11)]
     assert match_events([10], [13], tolerance=2) == []
     assert match_events([3, 20], [4, 19], tolerance=1) == [(3, 4), (20, 19)]
+    # greedy nearest-first pairs 4-3 (distance 1) and then finds nothing for 1 or 5: 1 pair;
+    # two pairs exist (1-3, 4-5)
+    assert match_events([3, 5], [1, 4], tolerance=2) == [(3, 1), (5, 4)]
 
 
-def test_update_f1_and_transition_accuracy():
-    states = [{"1": NS}] * 30
-    pred = {5: {"1": IP}, 12: {"1": C}, 25: {"1.1": IP}}  # 25 has no reference near
-    ref = {6: {"1": IP}, 13: {"1": IP}, 20: {"1": C}}  # 13 matched but with the wrong change
-    s = dst_scores([_video(states, states, pred, ref, valid=[True, True, False])], tolerance=2)
+def test_update_matching_agrees_with_brute_force_on_random_cases():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        pred = sorted(rng.sample(range(30), rng.randint(0, 5)))
+        ref = sorted(rng.sample(range(30), rng.randint(0, 5)))
+        best = 0
+        for k in range(min(len(pred), len(ref)), 0, -1):
+            for ps in itertools.combinations(pred, k):
+                for rs in itertools.permutations(ref, k):
+                    if all(abs(p - r) <= 2 for p, r in zip(ps, rs, strict=True)):
+                        best = k
+                        break
+                if best:
+                    break
+            if best:
+                break
+        assert len(match_events(pred, ref, tolerance=2)) == best, (pred, ref)
+
+
+def test_update_f1_and_transition_accuracy_on_net_changes():
+    start = {"1": NS, "1.1": NS}
+    ref = [start] * 6 + [{"1": IP, "1.1": IP}] * 14 + [{"1": C, "1.1": C}] * 10
+    pred = [start] * 5 + [{"1": IP, "1.1": IP}] * 7 + [{"1": C, "1.1": C}] * 18
+    # predicted updates at 5 (right change, 1 frame early), 12 (completes: the reference
+    # completes only at 20, 8 frames away) and 13 (a no-op update; matches nothing near)
+    s = dst_scores([_video(pred, ref, [5, 12, 25], [6, 13, 20], valid=[True, True, False])])
     assert s["update_precision"] == pytest.approx(2 / 3)
     assert s["update_recall"] == pytest.approx(2 / 3)
     assert s["update_f1"] == pytest.approx(2 / 3)
+    # pairs: 5-6 (both: 1 and 1.1 to in_progress: equal), 12-13 (pred completes, the reference
+    # has no net change at 13): 1 of 2
     assert s["transition_accuracy"] == pytest.approx(1 / 2)
     assert s["valid_dst_ratio"] == pytest.approx(2 / 3)
+
+
+def test_tolerance_uses_each_videos_fps():
+    states = [{"1": NS}] * 40
+    near = _video(states, states, [10], [13], fps=2.0)  # 1 s = 2 frames: 3 apart is too far
+    fast = _video(states, states, [10], [13], fps=4.0)  # 1 s = 4 frames: paired
+    assert dst_scores([near])["update_recall"] == 0.0
+    assert dst_scores([fast])["update_recall"] == 1.0
+
+
+def test_undefined_values_are_none_not_zero():
+    states = [{"1": NS}] * 5
+    s = dst_scores([_video(states, states)])
+    assert s["update_precision"] is None and s["update_recall"] is None
+    assert s["update_f1"] is None and s["transition_accuracy"] is None
+    assert s["valid_dst_ratio"] is None
+    s = dst_scores([_video(states, states, [2], [], valid=[True])])
+    assert s["update_precision"] == 0.0 and s["update_recall"] is None and s["update_f1"] is None
 
 
 @pytest.fixture

@@ -67,6 +67,18 @@ def test_evaluate_writes_the_report_with_a_baseline_row(demo_root, model_folder,
     for png in ("timeline.png", "threshold_curves.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 1000
     assert "| metric |" in (tmp_path / "eval/report.md").read_text()
+    # ProAssist's embedding model by default, and the predictions in the score format:
+    # `dst-train score` on them gives the report's speaking numbers
+    assert "all-mpnet-base-v2" in report["embedding_model"]
+    from dst_train.eval.score import SCORE_KEYS, read_score_file, score_videos
+    from dst_train.eval.speaking import SentenceSimilarity
+
+    videos = read_score_file(tmp_path / "eval/predictions.jsonl")
+    assert len(videos) == report["clips"]
+    assert (tmp_path / "eval/baseline_predictions.jsonl").is_file()
+    again = score_videos(videos, SentenceSimilarity(report["embedding_model"]))
+    for key in SCORE_KEYS:
+        assert again[key] == pytest.approx(report["metrics"][key], abs=1e-9), key
 
 
 def test_evaluate_rejects_a_stream_batch_below_one(tmp_path, capsys):
@@ -112,6 +124,7 @@ def test_evaluate_in_bf16_agrees_with_fp32(demo_root, model_folder, tmp_path):
     for dtype in ("fp32", "bf16"):
         out = tmp_path / dtype
         kw = dict(out=out, max_clips=1, max_new_tokens=2, stream_batch=1, device="cpu")
+        kw["embedding_model"] = "minilm"
         reports[dtype] = evaluate(model_folder, demo_root, dtype=dtype, **kw)
         [trace] = (out / "traces").glob("*.jsonl")
         traces[dtype] = [json.loads(x) for x in trace.read_text().splitlines()]
@@ -143,6 +156,7 @@ def test_evaluate_resume_streams_only_the_clips_without_a_trace(
 
     out = tmp_path / "eval"
     kw = dict(out=out, split="train", max_clips=3, max_new_tokens=2, stream_batch=2, device="cpu")
+    kw["embedding_model"] = "minilm"
     first = ev.evaluate(model_folder, demo_root, **kw)
     traces = sorted((out / "traces").glob("*.jsonl"))
     assert len(traces) == first["clips"] >= 2
@@ -163,7 +177,8 @@ def test_evaluate_resume_streams_only_the_clips_without_a_trace(
     from dst_train.cli import main
 
     args = [str(model_folder), "--data", str(demo_root), "--out", str(out), "--split", "train"]
-    args += ["--max-clips", "3", "--device", "cpu", "--max-new-tokens", "3", "--resume"]
+    args += ["--max-clips", "3", "--device", "cpu", "--embedding-model", "minilm"]
+    args += ["--max-new-tokens", "3", "--resume"]
     assert main(["evaluate", *args]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "max_new_tokens=2, this run has 3" in err

@@ -1,11 +1,10 @@
-"""pycocoevalcap and sentence-transformers, run for real and offline."""
-
-import shutil
+"""pycocoevalcap (PTB tokenizer, BLEU, METEOR, CIDEr) and sentence-transformers, run for real
+and offline, with ProAssist's text handling (issue 16, point 4)."""
 
 import pytest
 
-from dst_train.eval.speaking import SentenceSimilarity, default_embedding_model
-from dst_train.eval.text_metrics import caption_scores, tokenize
+from dst_train.eval.speaking import SentenceSimilarity, minilm_model_path
+from dst_train.eval.text_metrics import caption_scores, ptb_tokenize
 
 PAIRS = [
     (
@@ -19,8 +18,18 @@ PAIRS = [
 ]
 
 
-def test_tokenize_splits_punctuation_and_lowercases():
-    assert tokenize("Now, Insert the BUMPER.") == "now , insert the bumper ."
+def test_ptb_tokenizer_lowercases_splits_and_removes_punctuation():
+    toks = ptb_tokenize(["Now, Insert the BUMPER.", "Don't\nstop -- ok...", "...", "", "a\tb"])
+    assert toks == ["now insert the bumper", "do n't stop ok", "", "", "a b"]
+
+
+def test_ptb_tokenizer_writes_nothing_into_site_packages(tmp_path):
+    from dst_train.eval.text_metrics import _jar
+
+    folder = _jar("tokenizer", "x").parent
+    before = set(folder.iterdir())
+    ptb_tokenize(["one sentence."])
+    assert set(folder.iterdir()) == before
 
 
 def test_identical_texts_score_perfectly():
@@ -28,10 +37,22 @@ def test_identical_texts_score_perfectly():
     assert s["bleu1"] == pytest.approx(1.0) and s["bleu4"] == pytest.approx(1.0, abs=1e-6)
     assert s["rouge_l"] == pytest.approx(1.0)
     assert s["cider"] > 0  # CIDEr's idf over two references is small but positive
-    if shutil.which("java"):
-        assert s["meteor"] == pytest.approx(1.0, abs=1e-3)
-    else:
-        assert s["meteor"] is None
+    assert s["meteor"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_punctuation_does_not_count_and_empty_references_are_dropped():
+    # "Insert the pin." vs "insert the pin" only differ in case and punctuation: perfect
+    s = caption_scores([("Insert the pin.", "insert the pin"), ("Insert the pin!", "...")])
+    assert s["caption_pairs"] == 1  # the reference "..." tokenises to nothing: dropped
+    assert s["bleu1"] == pytest.approx(1.0) and s["meteor"] == pytest.approx(1.0, abs=1e-3)
+    with_punct = caption_scores([("Insert the pin.", "insert the pin")])
+    assert with_punct["bleu1"] == pytest.approx(1.0)
+
+
+def test_weighted_variants_are_jaccard_times_the_score():
+    s = caption_scores(PAIRS, jaccard=0.25)
+    for key in ("bleu1", "bleu4", "meteor", "cider"):
+        assert s[f"{key}_w"] == pytest.approx(0.25 * s[key])
 
 
 def test_different_texts_score_lower():
@@ -43,16 +64,18 @@ def test_different_texts_score_lower():
         ]
     )
     assert other["bleu4"] < same["bleu4"] and other["rouge_l"] < same["rouge_l"]
+    assert other["meteor"] < same["meteor"]
 
 
-def test_no_pairs_gives_zeros():
-    s = caption_scores([])
-    assert s["bleu4"] == 0.0 and s["cider"] == 0.0 and s["meteor"] is None
+def test_no_pairs_gives_zeros_as_proassist():
+    s = caption_scores([], jaccard=0.0)
+    assert s["bleu4"] == 0.0 and s["cider"] == 0.0 and s["meteor"] == 0.0
+    assert s["meteor_w"] == 0.0
 
 
 @pytest.fixture(scope="module")
 def similarity():
-    return SentenceSimilarity(default_embedding_model())
+    return SentenceSimilarity(minilm_model_path())
 
 
 def test_sentence_similarity_runs_offline_and_ranks_meaning(similarity):
