@@ -144,8 +144,9 @@ def _run_config(args: argparse.Namespace, check_feature_cache: bool = True):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dst_train.engine.trainer import TrainingStopped, fit
+    from dst_train.engine.trainer import TrainingStopped, die_with_launcher, fit
 
+    die_with_launcher()
     cfg = _run_config(args)
     if cfg is None:
         return 2

@@ -107,6 +107,10 @@ class TrainConfig:
     cpu_shm_comm: bool = False  # CPU runs: build DeepSpeed's shared-memory comm op (~45 s compile)
     tensorboard: bool = True
     oom_retry: bool = False  # on CUDA OOM: halve micro-batch, double accumulation, go on
+    # Adam implementation: false = torch's AdamW through DeepSpeed (no compiled op, works on a
+    # pip-only install); true = DeepSpeed's FusedAdam (GPU) / DeepSpeedCPUAdam (offload), which
+    # compile on first use and need nvcc + CUDA_HOME (docs/training.md: how to pre-build them)
+    deepspeed_adam: bool = False
 
 
 @dataclass

@@ -35,12 +35,17 @@ def tag_of(step: int) -> str:
 
 
 def latest_tag(ckpt_dir: str | Path) -> str | None:
-    """Tag named by ``latest`` if that checkpoint is complete, else None."""
-    path = Path(ckpt_dir) / LATEST
-    if not path.is_file():
-        return None
-    tag = path.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag / COMPLETE).is_file() else None
+    """The tag named by ``latest`` if that checkpoint is complete; else the newest complete
+    checkpoint folder (``latest`` missing, torn or naming a folder a crash left half-written);
+    None when there is no complete checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / LATEST
+    if path.is_file():
+        tag = path.read_text().strip()
+        if tag and (ckpt_dir / tag / COMPLETE).is_file():
+            return tag
+    done = sorted(d.name for d in ckpt_dir.glob("step_*") if (d / COMPLETE).is_file())
+    return done[-1] if done else None
 
 
 def rng_state() -> dict:
@@ -74,10 +79,11 @@ def save(
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
     folder = ckpt_dir / tag
+    if (folder / COMPLETE).is_file():  # already saved (same step, same state): keep it whole
+        barrier()
+        return folder
     if rank == 0:
-        _remove_incomplete(ckpt_dir)
-        if folder.exists():  # a leftover of a crashed save of this very step
-            shutil.rmtree(folder)
+        _remove_incomplete(ckpt_dir)  # a crashed save of this very step among them
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     torch.save(rng_state(), folder / f"rng_rank{rank}.pt")

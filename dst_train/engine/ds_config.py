@@ -1,8 +1,9 @@
 """DeepSpeed config: a template from ``ds_configs/`` with every ``"auto"`` filled from the run.
 
 Filled values: micro-batch, accumulation, global batch, clipping, lr/betas/weight decay,
-fp16/bf16 from the resolved precision, ``torch_adam`` (True on CPU: no compiled op; False on GPU:
-DeepSpeed's fused/CPU Adam) and bucket sizes from the LM hidden size H (reduce/all-gather bucket
+fp16/bf16 from the resolved precision, ``torch_adam`` (True unless ``deepspeed_adam``: torch's
+AdamW needs no compiled op; DeepSpeed's FusedAdam/CPUAdam compile on first use and need a CUDA
+toolkit) and bucket sizes from the LM hidden size H (reduce/all-gather bucket
 H², stage-3 prefetch 0.9·H², persistence threshold 10·H — the rules transformers uses).
 """
 
@@ -38,6 +39,7 @@ def build_ds_config(
     dtype: str,
     hidden_size: int,
     on_gpu: bool,
+    deepspeed_adam: bool = False,
 ) -> dict:
     if isinstance(template, str):
         template = json.loads(resolve_template_path(template).read_text())
@@ -47,7 +49,7 @@ def build_ds_config(
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch * grad_accum * world_size,
         "gradient_clipping": grad_clip,
-        "zero_force_ds_cpu_optimizer": on_gpu,
+        "zero_force_ds_cpu_optimizer": on_gpu and deepspeed_adam,
     }
     for key, value in fill.items():
         if cfg.get(key, "auto") == "auto":
@@ -61,7 +63,7 @@ def build_ds_config(
         ("lr", lr),
         ("betas", list(betas)),
         ("weight_decay", weight_decay),
-        ("torch_adam", not on_gpu),
+        ("torch_adam", not (on_gpu and deepspeed_adam)),
     ):
         if params.get(key, "auto") == "auto":
             params[key] = value

@@ -4,10 +4,27 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows up to ``step``: rows a killed run logged after its last checkpoint are
+    logged again by the resumed run (atomic rewrite; a torn last line is dropped too)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a kill cut short
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    os.replace(tmp, path)
 
 
 class MetricsLogger:
@@ -29,6 +46,8 @@ class MetricsLogger:
             return
         if not resumed and self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh log; a resumed one appends
+        elif self.path.exists():
+            drop_rows_after(self.path, start_step)
         self.fh = self.path.open("a")
         self.bar = tqdm(
             total=total,

@@ -102,7 +102,7 @@ def prepare(cfg: RunConfig):
     from dst_train.model.build import build_model, resolve_precision
 
     rank, world, device = init_distributed(cfg)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     precision = resolve_precision(cfg.model)
     grad_accum = cfg.grad_accum(world)
     ds_config = run_ds_config(cfg, world, precision.dtype, device.type == "cuda")
@@ -125,8 +125,14 @@ def prepare(cfg: RunConfig):
     sampler = LengthGroupedSampler(train_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
     # the train loader yields the samples of a micro-batch uncollated, so the OOM safety net can
     # split them (collating is cheap padding; frames are decoded in the workers either way)
+    # the loader's own generator: creating its iterator (each epoch, and again after a resume)
+    # must not draw from the global RNG that dropout uses, or a resumed run is one draw off
     loader = DataLoader(
-        train_ds, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers
+        train_ds,
+        batch_sampler=sampler,
+        collate_fn=list,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     val_sampler = LengthGroupedSampler(val_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
     val_loader = DataLoader(val_ds, batch_sampler=val_sampler, collate_fn=collate)
@@ -166,15 +172,50 @@ def run_ds_config(cfg: RunConfig, world: int, dtype, on_gpu: bool) -> dict:
         dtype=dtype,
         hidden_size=arch_config(cfg.model.arch).text_config.hidden_size,
         on_gpu=on_gpu,
+        deepspeed_adam=t.deepspeed_adam,
     )
 
 
+def die_with_launcher() -> None:
+    """A worker started by a launcher (``LOCAL_RANK`` set: deepspeed, torchrun) is killed when
+    its launcher dies, even by SIGKILL: torchrun starts workers in sessions of their own, so a
+    kill of the launcher's process group would leave them training and writing checkpoints
+    beside the run that resumes. Linux only (prctl PR_SET_PDEATHSIG); a no-op elsewhere and for
+    a plain ``python`` run, whose parent is a shell that may exit (nohup)."""
+    import ctypes
+    import signal
+    import sys
+
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the launcher died before the call: follow it now
+        os._exit(1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, Python's ``random`` and numpy (every rank the same: ranks differ by data)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    """Trainable parameters; no weight decay on biases and norm weights (1-D tensors).
+
+    The real shape decides: under ZeRO-3 every parameter is a partitioned 1-D (empty) tensor
+    with its true shape in ``ds_shape``."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (no_decay if ndim < 2 or name.endswith(".bias") else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -206,6 +247,8 @@ def batches_forever(loader, sampler, epoch: int, skip: int):
     while True:
         sampler.set_epoch(epoch, skip)
         loader.dataset.epoch = epoch
+        if loader.generator is not None:  # worker seeds depend on the epoch only, not on resumes
+            loader.generator.manual_seed(hash((sampler.seed, epoch)) % 2**63)
         for i, batch in enumerate(loader, start=skip):
             yield epoch, i, batch
         epoch, skip = epoch + 1, 0
@@ -229,6 +272,12 @@ def fit(cfg: RunConfig) -> dict:
     tag = resume_tag(cfg, ckpt_dir)
     if tag is not None:
         state = checkpoint.load(engine, tag[0], tag[1], rank)
+        if state["step"] >= cfg.train.max_steps:
+            # a rerun of a finished run: nothing to train, and nothing to save again (re-saving
+            # would delete the checkpoint `latest` names before rewriting it)
+            if rank == 0:
+                print(f"{tag[0] / tag[1]}: already at step {state['step']}; nothing to do")
+            return {"step": state["step"]}
     log = MetricsLogger(
         out_dir,
         rank == 0,

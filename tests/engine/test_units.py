@@ -27,7 +27,14 @@ def test_shipped_ds_configs_resolve(name):
     assert cfg["train_batch_size"] == 24 and cfg["gradient_accumulation_steps"] == 3
     assert cfg["fp16"]["enabled"] is True and cfg["bf16"]["enabled"] is False
     assert cfg["fp16"]["loss_scale"] == 0  # dynamic loss scaling
-    assert cfg["optimizer"]["params"]["torch_adam"] is False  # DeepSpeed's Adam on GPUs
+    # torch's AdamW by default: DeepSpeed's FusedAdam compiles a CUDA op (needs nvcc) at first use
+    assert cfg["optimizer"]["params"]["torch_adam"] is True
+    assert cfg["zero_force_ds_cpu_optimizer"] is False
+    ops = build_ds_config(
+        f"ds_configs/{name}.json", dtype="fp16", on_gpu=True, deepspeed_adam=True, **KW
+    )
+    assert ops["optimizer"]["params"]["torch_adam"] is False  # the opt-in
+    assert ops["zero_force_ds_cpu_optimizer"] is True
     z = cfg["zero_optimization"]
     assert z["reduce_bucket_size"] == 2048 * 2048
     if "zero3" in name:
@@ -149,3 +156,47 @@ def test_missing_inputs_are_all_named_before_anything_is_built(
     err = capsys.readouterr().err
     assert err.startswith("error: missing inputs:") and all(p in err for p in problems)
     assert not (tmp_path / "run").exists()
+
+
+ZERO3_DECAY_SCRIPT = """
+import json, sys
+from dst_train.config import load_config
+from dst_train.engine.trainer import param_groups, prepare
+cfg = load_config(None, sys.argv[1:])
+s = prepare(cfg)  # a world of one (gloo); ZeRO-3 builds the weights partitioned
+model = s["model"]
+# matrices are partitioned (an empty 1-D tensor with the true shape in ds_shape); small
+# tensors under the persistence threshold stay whole
+assert any(p.numel() == 0 and len(p.ds_shape) == 2 for p in model.parameters()), "not partitioned"
+decayed = {id(p) for p in param_groups(model, 0.1)[0]["params"]}
+print(json.dumps(sorted(n for n, p in model.named_parameters() if id(p) in decayed)))
+"""
+
+
+def test_zero3_decays_the_same_parameters_as_zero2(demo_root, tiny_model_dir, tmp_path):
+    # under ZeRO-3 every parameter is a 1-D partition: choosing by p.ndim decayed none
+    import subprocess
+    import sys
+
+    from dst_train.engine.trainer import param_groups
+    from dst_train.model.build import Precision, build_model
+    from tests.conftest import tiny_run_config
+    from tests.engine.helpers import REPO, free_port
+
+    args = [f"data.root={demo_root}", f"model.arch={tiny_model_dir}", f"output_dir={tmp_path}"]
+    cfg = tiny_run_config(demo_root, tiny_model_dir)
+    model = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa"))
+    decayed = {id(p) for p in param_groups(model, 0.1)[0]["params"]}
+    zero2 = sorted(n for n, p in model.named_parameters() if id(p) in decayed)
+    env = {**__import__("os").environ, "MASTER_PORT": free_port()}
+    proc = subprocess.run(
+        [sys.executable, "-c", ZERO3_DECAY_SCRIPT, *args, "train.ds_config=ds_configs/zero3.json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    zero3 = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(zero2) > 5 and zero3 == zero2
