@@ -64,6 +64,9 @@ class ModelConfig:
     )
     qlora: bool = False  # 4-bit base weights (bitsandbytes, CUDA only) + LoRA
     gradient_checkpointing: bool = False
+    # frames per vision-tower call when the tower runs online (training, evaluate's threshold
+    # pass): bounds the tower's activations whatever the clip length; 0 = all frames at once
+    vision_chunk_frames: int = 64
     gradient_checkpointing_reentrant: bool = False
     dtype: str = "auto"  # auto | fp16 | bf16 | fp32 (auto: fp16 < sm80, bf16 >= sm80, cpu_dtype)
     cpu_dtype: str = "fp32"  # what auto means on CPU: fp32 | bf16
@@ -134,6 +137,8 @@ class RunConfig:
         k = self.model.tokens_per_frame
         if k < 1 or int(k**0.5) ** 2 != k:
             problems.append(f"model.tokens_per_frame must be a perfect square, got {k}")
+        if self.model.vision_chunk_frames < 0:
+            problems.append("model.vision_chunk_frames must be >= 0 (0 = all frames at once)")
         if self.loss.decision_loss not in ("focal", "bce"):
             problems.append("loss.decision_loss must be focal|bce")
         if self.model.qlora and not self.model.lora:

@@ -10,6 +10,7 @@ config, tokenizer, image processor) + ``dst_heads.safetensors`` + ``dst_config.j
 from __future__ import annotations
 
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -30,6 +31,29 @@ def locate(path: str | Path) -> tuple[Path, str]:
         f"{p}: no complete checkpoint (expected a run dir, its checkpoints/ "
         "folder, or a step_* folder with COMPLETE)"
     )
+
+
+def partial_folder(final: Path) -> Path:
+    """An empty ``FINAL.partial`` folder next to ``final`` (a leftover of a killed run removed)."""
+    partial = final.with_name(final.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def swap_in(partial: Path, final: Path) -> None:
+    """Replace ``final`` by the finished ``partial``: two renames, the old folder removed last.
+    At any kill, ``final`` is the old complete folder, absent, or the new complete folder —
+    never half-written (the old one survives as ``FINAL.old`` in the short gap)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def convert(
@@ -56,8 +80,8 @@ def convert(
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
     del state
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out)
+    out = partial_folder(final)  # built aside, swapped in whole: a kill leaves OUT as it was
     hf = model.backbone.hf
     if cfg.model.lora and not merge_lora:
         hf.model.text_model.save_pretrained(out / "lora_adapter")  # peft adapter folder
@@ -71,8 +95,9 @@ def convert(
     load_tokenizer(cfg.model.arch).save_pretrained(out)
     load_image_processor(cfg.model.arch).save_pretrained(out)
     (out / "run_config.yaml").write_text((ckpt_dir / tag / "config.yaml").read_text())
+    swap_in(out, final)
     return {
-        "out": str(out),
+        "out": str(final),
         "checkpoint": str(ckpt_dir / tag),
         "dtype": dtype,
         "seconds": time.perf_counter() - t0,

@@ -82,9 +82,10 @@ class SmolVLMBackbone(nn.Module):
 
     chat = ChatFormat()
 
-    def __init__(self, hf_model, tokens_per_frame: int = 1):
+    def __init__(self, hf_model, tokens_per_frame: int = 1, vision_chunk: int = 64):
         super().__init__()
         self.hf = hf_model
+        self.vision_chunk = vision_chunk  # frames per vision-tower call; 0 = all at once
         cfg = hf_model.config
         self.scale = cfg.scale_factor
         self.grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
@@ -95,10 +96,28 @@ class SmolVLMBackbone(nn.Module):
 
     # ---------------------------------------------------------------- frames
     def frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) pixels → (N, (s·√k)², Dv) pooled patch features, ``vision_chunk`` frames
+        per tower call (0 = all at once).
+
+        A tower with no trainable parameter runs without autograd, whatever hooks are on:
+        gradient checkpointing's ``enable_input_require_grads`` marks the patch embeddings as
+        requiring grad, and the frozen tower then kept ~56 MiB of activations per frame
+        (smolvlm2-256m, fp32) for a backward that changes nothing in it."""
         vision = self.hf.model.vision_model
-        pixel_values = pixel_values.to(dtype=next(vision.parameters()).dtype)
+        params = list(vision.parameters())
+        dtype = params[0].dtype
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        step = self.vision_chunk or max(len(pixel_values), 1)
+        with torch.set_grad_enabled(grad):
+            parts = [
+                self._pooled(vision, pixel_values[i : i + step].to(dtype=dtype))
+                for i in range(0, max(len(pixel_values), 1), step)
+            ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _pooled(self, vision, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = vision(pixel_values=pixel_values).last_hidden_state  # (N, G*G, Dv)
-        return pool_patches(hidden, self.grid, self.pooled_grid)  # (N, (s*sqrt(k))^2, Dv)
+        return pool_patches(hidden, self.grid, self.pooled_grid)
 
     def project_frames(self, features: torch.Tensor) -> torch.Tensor:
         connector = self.hf.model.connector

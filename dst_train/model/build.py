@@ -50,7 +50,7 @@ def build_model(mcfg: ModelConfig, heads: HeadConfig, precision: Precision) -> D
         precision.attention,
         quantization_config=quant,
     )
-    model = DSTModel(SmolVLMBackbone(hf, heads.tokens_per_frame), heads)
+    model = DSTModel(SmolVLMBackbone(hf, heads.tokens_per_frame, mcfg.vision_chunk_frames), heads)
     for head in (model.speak_head, model.update_head):
         head.to(precision.torch_dtype)
     set_trainable(model, mcfg)

@@ -1,19 +1,25 @@
 """Parameter counts and model-state memory per GPU, computed on the meta device (no weights).
 
-Model states per parameter with mixed precision (fp16/bf16) and Adam: 2 bytes of weights, 2 of
-gradients, and 12 of optimizer state (fp32 master copy, momentum, variance); in fp32, 4 + 4 + 8.
-Frozen parameters hold weights only. ZeRO partitions them across N data-parallel GPUs:
+Bytes per parameter follow DeepSpeed's own accounting (its ``estimate_zero2/3_model_states_mem_
+needs``), with P all parameters, T the trainable ones, F = P - T frozen, N the GPUs, in mixed
+precision (fp16/bf16) with Adam: 16-bit weights 2·P; per trainable parameter 18 bytes = 16-bit
+gradient 2 + fp32 gradient partition 4 + fp32 master weight 4 + Adam momentum and variance 8.
 
-| stage | weights | gradients | optimizer |
-|---|---|---|---|
-| 0 | full | full | full |
-| 1 | full | full | 1/N |
-| 2 | full | 1/N | 1/N |
-| 3 | 1/N | 1/N | 1/N |
+| strategy | GPU bytes | CPU bytes (per node) |
+|---|---|---|
+| zero0 | 2P + 18T | — |
+| zero1 | 2P + 2T + 16T/N | — |
+| zero2 | 2P + 18T/N | — |
+| zero2+offload | 2P | 1.5 · T · max(4·N, 16) |
+| zero3 | 4L + (2F + 18T)/N | — |
+| zero3+offload (params too) | 4L | 1.5 · 18T + 2F (per node) |
 
-Optimizer offload moves the optimizer states (and the fp32 gradient copy) to CPU RAM; parameter
-offload (stage 3) moves the weights too. Activations are *not* included: they depend on batch and
-sequence length — that is what ``dst-train autotune`` measures.
+L is the largest layer's parameter count (ZeRO-3 gathers one layer at a time). The 1.5 is
+DeepSpeed's buffer factor for host memory. With every parameter trainable the zero2, zero2+offload,
+zero3 and zero3+offload rows equal DeepSpeed's estimators (tested). In fp32 (no master copy, no
+16-bit gradient): weights 4P, and per trainable parameter 4 (gradient) + 8 (Adam). Activations are
+*not* included: they depend on batch and sequence length — that is what ``dst-train autotune``
+measures.
 """
 
 from __future__ import annotations
@@ -38,22 +44,42 @@ class MemoryRow:
 
 
 def model_state_memory(
-    trainable: int, frozen: int, gpus: int, dtype: str = "fp16"
+    trainable: int,
+    frozen: int,
+    gpus: int,
+    dtype: str = "fp16",
+    largest_layer: int = 0,
+    gpus_per_node: int | None = None,
 ) -> list[MemoryRow]:
-    """Model-state memory per GPU (and per node's CPU) for each ZeRO strategy."""
-    w = 4 if dtype == "fp32" else 2
-    opt = 8 if dtype == "fp32" else 12
+    """Model-state memory per GPU (and per node's CPU) for each ZeRO strategy (module docstring)."""
     n = max(gpus, 1)
-    weights, grads, optim = w * (trainable + frozen), w * trainable, opt * trainable
+    per_node = gpus_per_node or n
+    nodes = max(1, n // per_node)
+    t, f = trainable, frozen
+    p = t + f
+    if dtype == "fp32":  # no 16-bit copies: weights 4, gradient 4, Adam 8
+        w, g16, rest = 4, 0, 12  # rest = what ZeRO-1 partitions (fp32 grad + Adam)
+    else:
+        w, g16, rest = 2, 2, 16  # rest = fp32 grad 4 + master 4 + Adam 8
+    buf = 1.5  # DeepSpeed's additional_buffer_factor for host memory
+    layer = 4 * largest_layer
     rows = [
-        ("zero0", weights + grads + optim, 0),
-        ("zero1", weights + grads + optim / n, 0),
-        ("zero2", weights + grads / n + optim / n, 0),
-        ("zero2+offload", weights + grads / n, optim + 4 * trainable),
-        ("zero3", (weights + grads + optim) / n, 0),
-        ("zero3+offload", grads / n, optim + 4 * trainable + weights),
+        ("zero0", w * p + (g16 + rest) * t, 0),
+        ("zero1", w * p + g16 * t + rest * t / n, 0),
+        ("zero2", w * p + (g16 + rest) * t / n, 0),
+        ("zero2+offload", w * p, buf * t * max(4 * per_node, 16)),
+        ("zero3", layer + (w * f + (w + rest) * t) / n, 0),
+        ("zero3+offload", layer, buf * (w + rest) * t / nodes + w * f / nodes),
     ]
     return [MemoryRow(name, gpu / GIB, cpu / GIB) for name, gpu, cpu in rows]
+
+
+def largest_layer_params(model: torch.nn.Module) -> int:
+    """Parameters of the largest module counted by its own (direct) parameters: what ZeRO-3
+    gathers at once."""
+    return max(
+        (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0
+    )
 
 
 def model_info(mcfg: ModelConfig, gpus: int = 2, dtype: str = "fp16") -> dict:
@@ -69,6 +95,7 @@ def model_info(mcfg: ModelConfig, gpus: int = 2, dtype: str = "fp16") -> dict:
     counts = parameter_counts(model)
     trainable = counts["all"]["trainable"]
     frozen = counts["all"]["total"] - trainable
+    largest = largest_layer_params(model)
     backbone: SmolVLMBackbone = model.backbone
     return {
         "arch": mcfg.arch,
@@ -79,7 +106,11 @@ def model_info(mcfg: ModelConfig, gpus: int = 2, dtype: str = "fp16") -> dict:
         "vocab_size": config.text_config.vocab_size,
         "gpus": gpus,
         "dtype": dtype,
-        "memory": [row.__dict__ for row in model_state_memory(trainable, frozen, gpus, dtype)],
+        "largest_layer_params": largest,
+        "memory": [
+            row.__dict__
+            for row in model_state_memory(trainable, frozen, gpus, dtype, largest_layer=largest)
+        ],
     }
 
 

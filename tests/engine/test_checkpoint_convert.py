@@ -98,3 +98,37 @@ def test_convert_names_a_folder_without_a_complete_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path}: no complete checkpoint"), err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_convert_killed_midway_leaves_the_old_folder_and_a_rerun_completes(
+    demo_root, tiny_model_dir, tmp_path, monkeypatch
+):
+    import pytest
+
+    from dst_train.engine import convert as conv
+    from tests.engine.helpers import base_overrides, run_training
+
+    run = tmp_path / "run"
+    run_training(
+        [*base_overrides(demo_root, tiny_model_dir, run), "train.max_steps=2"],
+        launcher="python",
+        nproc=1,
+    )
+    out = tmp_path / "hf"
+    conv.convert(run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-convert (simulated)")
+
+    real = conv.swap_in
+    monkeypatch.setattr(conv, "swap_in", killed)  # everything written, not yet swapped in
+    with pytest.raises(KeyboardInterrupt):
+        conv.convert(run, out, dtype="bf16")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (tmp_path / "hf.partial").is_dir()  # the half that a kill leaves, beside, not in OUT
+    monkeypatch.setattr(conv, "swap_in", real)
+    report = conv.convert(run, out, dtype="bf16")  # the same command again
+    assert report["out"] == str(out) and not (tmp_path / "hf.partial").exists()
+    assert not (tmp_path / "hf.old").exists()
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]  # bf16 now

@@ -217,3 +217,42 @@ def test_cache_features_refuses_a_trained_vision_tower(demo_root, tiny_model_dir
     assert "error: a feature cache needs a frozen vision tower" in capsys.readouterr().err
     assert main([*args, "data.root=/nowhere", f"model.arch={tiny_model_dir}"]) == 2
     assert "error: missing inputs:\n  data.root=/nowhere" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+def test_memory_table_equals_deepspeeds_estimators_when_everything_trains(gpus):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from dst_train.model.info import GIB, model_state_memory
+
+    p, layer = 2_246_788_978, 100_925_440
+    rows = {r.strategy: r for r in model_state_memory(p, 0, gpus, "fp16", largest_layer=layer)}
+    for offload, name in ((False, "zero2"), (True, "zero2+offload")):
+        cpu, gpu = estimate_zero2_model_states_mem_needs(p, gpus, 1, cpu_offload=offload)
+        assert rows[name].gpu_gib == pytest.approx(gpu / GIB, rel=1e-6), name
+        if offload:
+            assert rows[name].cpu_gib == pytest.approx(cpu / GIB, rel=1e-6), name
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(p, layer, gpus, 1, cpu_offload=False)
+    assert rows["zero3"].gpu_gib == pytest.approx(gpu / GIB, rel=1e-6)
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(p, layer, gpus, 1, True, True)
+    assert rows["zero3+offload"].gpu_gib == pytest.approx(gpu / GIB, rel=1e-6)
+    assert rows["zero3+offload"].cpu_gib == pytest.approx(cpu / GIB, rel=1e-6)
+
+
+def test_memory_table_partly_frozen_by_hand():
+    from dst_train.model.info import GIB, model_state_memory
+
+    t, f, n = GIB, 3 * GIB, 4  # 1 Gi trainable, 3 Gi frozen parameters, 4 GPUs
+    rows = {r.strategy: r for r in model_state_memory(t, f, n, "fp16", largest_layer=GIB // 8)}
+    # 16-bit weights of all 4 Gi params = 8 GiB; 18 B per trainable param = 18 GiB in all
+    assert rows["zero0"].gpu_gib == pytest.approx(8 + 18)
+    assert rows["zero1"].gpu_gib == pytest.approx(8 + 2 + 16 / 4)
+    assert rows["zero2"].gpu_gib == pytest.approx(8 + 18 / 4)  # frozen weights stay whole
+    assert rows["zero2+offload"].gpu_gib == pytest.approx(8)
+    assert rows["zero2+offload"].cpu_gib == pytest.approx(1.5 * 16)
+    # 4 B x the largest layer gathered + partitions of 2 B per frozen, 18 B per trainable
+    assert rows["zero3"].gpu_gib == pytest.approx(0.5 + (6 + 18) / 4)
+    assert rows["zero3+offload"].cpu_gib == pytest.approx(1.5 * 18 + 6)
+    fp32 = {r.strategy: r for r in model_state_memory(t, f, n, "fp32")}
+    assert fp32["zero2"].gpu_gib == pytest.approx(16 + 12 / 4)  # 4 B weights, 4 + 8 per trainable

@@ -1,0 +1,75 @@
+"""A frozen vision tower keeps no activations for backward, whatever hooks are on (issue 14.1).
+
+On the smolvlm2-256m architecture (random init, real transformers classes) with gradient
+checkpointing on, transformers' ``enable_input_require_grads`` hooks the tower's patch
+embeddings; the tower used to keep ~56 MiB per frame for a backward that changes nothing in it.
+Bytes saved for backward are counted with saved-tensor hooks."""
+
+import pytest
+import torch
+
+from dst_train.config import ModelConfig
+from dst_train.model.build import Precision, build_model
+from dst_train.model.dst_model import HeadConfig
+
+MIB = 2**20
+
+
+def _model(checkpointing: bool, **kw):
+    torch.manual_seed(0)
+    mcfg = ModelConfig(
+        arch="smolvlm2-256m",
+        pretrained=False,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_reentrant=True,  # the mode that adds enable_input_require_grads
+        **kw,
+    )
+    return build_model(mcfg, HeadConfig(tokens_per_frame=1), Precision("fp32", "sdpa"))
+
+
+def _saved_bytes_and_grads(model, pixels):
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.frame_embeddings(pixel_values=pixels)
+    out.float().pow(2).sum().backward()
+    connector = model.backbone.hf.model.connector
+    grads = {n: p.grad.clone() for n, p in connector.named_parameters()}
+    return sum(saved), grads
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    torch.manual_seed(1)
+    return torch.randn(1, 3, 512, 512)  # a frame at the 256M tower's 512 px
+
+
+def test_frozen_tower_saves_nothing_with_checkpointing_on(pixels):
+    base_bytes, base_grads = _saved_bytes_and_grads(_model(False), pixels)
+    ckpt_bytes, ckpt_grads = _saved_bytes_and_grads(_model(True), pixels)
+    per_frame = ckpt_bytes / len(pixels) / MIB
+    assert base_bytes / len(pixels) / MIB < 1.0  # the connector's input only
+    assert per_frame < 1.0, f"{per_frame:.1f} MiB saved per frame through a frozen tower"
+    for n in base_grads:  # the trainable part learns the same
+        torch.testing.assert_close(ckpt_grads[n], base_grads[n], msg=n)
+
+
+def test_a_trained_tower_still_gets_gradients_and_chunks_change_nothing(tiny_model_dir):
+    def tiny(chunk):
+        torch.manual_seed(0)
+        mcfg = ModelConfig(arch=str(tiny_model_dir), freeze_vision=False, vision_chunk_frames=chunk)
+        return build_model(mcfg, HeadConfig(tokens_per_frame=1), Precision("fp32", "sdpa"))
+
+    whole, chunked = tiny(0), tiny(2)
+    size = whole.backbone.hf.config.vision_config.image_size
+    pixels = torch.randn(5, 3, size, size)  # 5 frames: chunks of 2, 2 and 1
+    a = whole.frame_embeddings(pixel_values=pixels)
+    b = chunked.frame_embeddings(pixel_values=pixels)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    b.float().pow(2).sum().backward()
+    vision = chunked.backbone.hf.model.vision_model
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.parameters())
