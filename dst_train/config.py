@@ -65,7 +65,8 @@ class ModelConfig:
     qlora: bool = False  # 4-bit base weights (bitsandbytes, CUDA only) + LoRA
     gradient_checkpointing: bool = False
     # frames per vision-tower call when the tower runs online (training, evaluate's threshold
-    # pass): bounds the tower's activations whatever the clip length; 0 = all frames at once
+    # pass): bounds the tower's activations whatever the clip length; 0 = all frames at once.
+    # Under ZeRO-3 all frames go in one call (each call gathers the weights on every rank)
     vision_chunk_frames: int = 64
     gradient_checkpointing_reentrant: bool = False
     dtype: str = "auto"  # auto | fp16 | bf16 | fp32 (auto: fp16 < sm80, bf16 >= sm80, cpu_dtype)

@@ -108,6 +108,10 @@ class SmolVLMBackbone(nn.Module):
         dtype = params[0].dtype
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         step = self.vision_chunk or max(len(pixel_values), 1)
+        if hasattr(params[0], "ds_id"):
+            # ZeRO-3 gathers the tower's weights at every call, a collective: the number of calls
+            # must not depend on this rank's frame count, so all frames go in one call
+            step = max(len(pixel_values), 1)
         with torch.set_grad_enabled(grad):
             parts = [
                 self._pooled(vision, pixel_values[i : i + step].to(dtype=dtype))
