@@ -9,6 +9,7 @@ written into the run directory so a checkpoint carries the options that made it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ class ModelConfig:
     dtype: str = "auto"  # auto | fp16 | bf16 | fp32 (auto: fp16 < sm80, bf16 >= sm80, cpu_dtype)
     cpu_dtype: str = "fp32"  # what auto means on CPU: fp32 | bf16
     attention: str = "auto"  # auto | sdpa | eager | flash_attention_2
+
+
+ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -138,6 +142,17 @@ class RunConfig:
         k = self.model.tokens_per_frame
         if k < 1 or int(k**0.5) ** 2 != k:
             problems.append(f"model.tokens_per_frame must be a perfect square, got {k}")
+        for key, value, allowed in (
+            ("model.dtype", self.model.dtype, ("auto", "fp16", "bf16", "fp32")),
+            ("model.cpu_dtype", self.model.cpu_dtype, ("fp32", "bf16")),
+            ("model.attention", self.model.attention, ATTENTIONS),
+        ):
+            if value not in allowed:
+                problems.append(f"{key} must be {'|'.join(allowed)}, got {value!r}")
+        if not all(0 <= b < 1 for b in self.train.betas):
+            problems.append(f"train.betas must be two numbers in [0, 1), got {self.train.betas}")
+        if not (math.isfinite(self.train.lr) and self.train.lr > 0):
+            problems.append(f"train.lr must be a positive number, got {self.train.lr}")
         if self.model.vision_chunk_frames < 0:
             problems.append("model.vision_chunk_frames must be >= 0 (0 = all frames at once)")
         if self.loss.decision_loss not in ("focal", "bce"):
@@ -233,6 +248,8 @@ def load_config(
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if not isinstance(raw, dict):
@@ -264,7 +281,7 @@ def _build(cls: type, raw: dict, where: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(repr(k) if not isinstance(k, str) else k for k in set(raw) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
     kwargs = {}
@@ -292,6 +309,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(hint)
+        if origin is tuple and args and Ellipsis not in args:  # a fixed-length tuple
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)!r}")
+            return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
         inner = args[0] if args else Any
         items = [_coerce(inner, v, where) for v in value]
         return tuple(items) if origin is tuple else items

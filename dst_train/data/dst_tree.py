@@ -304,9 +304,12 @@ def read_dst_tsv(
     src = str(path)
     issues: list[Issue] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a leading BOM is not part of the header
     except OSError as e:
         return None, [Issue(src, None, f"cannot read DST file: {e.strerror or e}")]
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        return None, [Issue(src, line, f"not UTF-8 (byte {e.start})")]
     rows = _parse_rows(src, text, issues)
     if any(i.severity == "error" for i in issues):
         return None, issues
@@ -330,7 +333,11 @@ def load_dst_tsv(path: str | Path, span_policy: str = "repair") -> DSTTree:
 
 
 def _parse_rows(src: str, text: str, issues: list[Issue]) -> list[_Row]:
-    lines = text.splitlines()
+    # only \n (and \r\n) end a line: str.splitlines() also splits on form feeds, \x1c-\x1e,
+    # \x85 and U+2028/9, which a name may hold, and every later line number would be off
+    lines = [x.removesuffix("\r") for x in text.split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()
     if not lines:
         issues.append(Issue(src, None, "empty file (expected a header row)"))
         return []

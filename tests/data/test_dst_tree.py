@@ -309,3 +309,31 @@ def test_weighted_repair_keeps_pinned_nodes(tmp_path):
     state["1.1"] = COMPLETED  # a parent said completed: pinned, its children follow
     fixed = repair_state(tree, state, {"1.1": 100})
     assert all(fixed[c] == COMPLETED for c in ("1.1.1", "1.1.2", "1.1.3"))
+
+
+def test_line_numbers_survive_exotic_characters_and_a_bom_is_fine(tmp_path):
+    from dst_train.data.dst_tree import read_dst_tsv
+
+    rows = [
+        ("STEP", 1, 0, 10, "step\x0cwith form feed\u2028and line separator\x85"),
+        ("SUBSTEP", 1.1, 0, 10, "a"),
+        ("ACTION", "1.1.1", 0, 5, "x"),
+        ("ACTION", "1.1.2", "oops", 10, "y"),  # line 5 of the file
+    ]
+    path = write_tsv(tmp_path / "v.tsv", rows)
+    tree, issues = read_dst_tsv(path)
+    assert tree is None
+    assert [i.line for i in issues if i.severity == "error"] == [5], [str(i) for i in issues]
+    good = write_tsv(tmp_path / "good.tsv", rows[:3])
+    good.write_bytes(b"\xef\xbb\xbf" + good.read_bytes().replace(b"\n", b"\r\n"))
+    tree, issues = read_dst_tsv(good)
+    assert tree is not None and tree.nodes["1"].name.startswith("step\x0c"), issues
+
+
+def test_a_tsv_that_is_not_utf8_is_an_issue_with_its_line(tmp_path):
+    from dst_train.data.dst_tree import read_dst_tsv
+
+    path = write_tsv(tmp_path / "v.tsv", [("STEP", 1, 0, 10, "s"), ("SUBSTEP", 1.1, 0, 10, "a")])
+    path.write_bytes(path.read_bytes().replace(b"a\n", b"caf\xe9\n"))
+    tree, issues = read_dst_tsv(path)
+    assert tree is None and issues[0].line == 3 and "not UTF-8" in str(issues[0])

@@ -200,3 +200,40 @@ def test_zero3_decays_the_same_parameters_as_zero2(demo_root, tiny_model_dir, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     zero3 = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(zero2) > 5 and zero3 == zero2
+
+
+BAD_OVERRIDES = [
+    ("model.dtype=fp8", "model.dtype must be auto|fp16|bf16|fp32, got 'fp8'"),
+    ("model.cpu_dtype=fp16", "model.cpu_dtype must be fp32|bf16"),
+    ("model.attention=flash", "model.attention must be auto|sdpa|eager|flash_attention_2"),
+    ("train.betas=[0.9]", "train.betas: expected 2 values, got [0.9]"),
+    ("train.betas=[0.9, 0.99, 0.9]", "train.betas: expected 2 values"),
+    ("train.betas=[0.9, 1.5]", "train.betas must be two numbers in [0, 1)"),
+    ("train.lr=.nan", "train.lr must be a positive number"),
+    ("train.lr=-1", "train.lr must be a positive number"),
+    ("train={1: 2}", "unknown key(s) ['1']"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
+def test_a_bad_option_is_an_error_line_before_anything_starts(override, message, capsys):
+    from dst_train.cli import main
+
+    # data.root does not exist either: the config's own problems are reported first, and no
+    # process group or model is made (main returns; nothing was initialised)
+    assert main(["train", "--config", "/dev/null", "data.root=/nowhere", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_config_files_that_are_not_utf8_or_not_yaml_are_error_lines(tmp_path, capsys):
+    from dst_train.cli import main
+
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {lr: [\n")
+    for path, message in ((latin, "not UTF-8 (byte 15)"), (broken, "invalid YAML")):
+        assert main(["train", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}: ") and message in err, err
