@@ -385,7 +385,7 @@ def _parse_rows(src: str, text: str, issues: list[Issue]) -> list[_Row]:
 def _build_nodes(src: str, rows: list[_Row], issues: list[Issue]) -> dict[str, _Row] | None:
     """Check ids, types, parents, order and duplicates; return rows keyed by id."""
     by_id: dict[str, _Row] = {}
-    styles = set()
+    styles: dict[str, int] = {}  # id style -> line of its first row
     open_parent: dict[str, str | None] = {"step": None, "substep": None}  # last step/substep seen
     for row in rows:
         style = _id_style(row.id)
@@ -398,7 +398,17 @@ def _build_nodes(src: str, rows: list[_Row], issues: list[Issue]) -> dict[str, _
                 )
             )
             continue
-        styles.add(style)
+        if styles and style not in styles:
+            first_style, first_line = next(iter(styles.items()))
+            issues.append(
+                Issue(
+                    src,
+                    row.line,
+                    f"id {row.id!r} is in the other id style than line {first_line} "
+                    f"({first_style}); one file uses one style (1.2.3 or S1.2.a)",
+                )
+            )
+        styles.setdefault(style, row.line)
         depth = row.id.count(".")
         if LEVELS[depth] != row.level:
             issues.append(
@@ -448,8 +458,6 @@ def _build_nodes(src: str, rows: list[_Row], issues: list[Issue]) -> dict[str, _
             )
             continue
         by_id[row.id] = row
-    if len(styles) > 1:
-        issues.append(Issue(src, None, "mixes the two id styles (1.2.3 and S1.2.a) in one file"))
     for nid, row in by_id.items():
         if row.level != "action" and not any(c.rsplit(".", 1)[0] == nid for c in by_id if "." in c):
             issues.append(Issue(src, row.line, f"{row.level} {nid!r} has no children"))

@@ -84,16 +84,17 @@ def validate_dataset(
         ):
             rep.clips += 1
             rep.clips_per_split[split] = rep.clips_per_split.get(split, 0) + 1
-            videos_in.setdefault(clip.video_uid, set()).add(split)
+            videos_in.setdefault(clip.video_uid, {}).setdefault(split, clip.source)
             _check_clip(rep, clip, trees, expect_dst=bool(trees) or dst_dir is not None)
             if check_frames:
                 frames.check(rep, clip)
         rep.errors += errors
     rep.videos = len(videos_in)
     for uid, splits in sorted(videos_in.items()):
-        if len(splits & set(SPLITS)) > 1:
+        if len(set(splits) & set(SPLITS)) > 1:
+            where = ", ".join(f"{s} ({splits[s]})" for s in sorted(splits))
             rep.errors.append(
-                f"video {uid!r} appears in several splits: {sorted(splits)} "
+                f"video {uid!r} appears in several splits: {where} "
                 "(splits must be disjoint by video)"
             )
     unused = sorted(set(trees) - set(videos_in))

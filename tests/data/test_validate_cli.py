@@ -82,7 +82,9 @@ def test_every_problem_is_reported_with_its_place(demo_root, tmp_path, capsys):
     errors = "\n".join(report["errors"])
     assert "test.jsonl:1: end_frame_idx" in errors and "past the end" in errors
     assert f"test.jsonl:{n_lines}: invalid JSON" in errors
-    assert "appears in several splits" in errors
+    # the video's clips are named by file and line in each split
+    assert "appears in several splits: test (" in errors and "test.jsonl:1), val (" in errors
+    assert f"val.jsonl:{len((root / 'prepared' / 'val.jsonl').read_text().splitlines())})" in errors
     assert ".tsv:" in errors and "parent '9.9' of '9.9.9' is not defined" in errors
     assert "no DST annotation" in "\n".join(report["warnings"])  # its tree failed to load
 
