@@ -304,11 +304,13 @@ def read_dst_tsv(
     src = str(path)
     issues: list[Issue] = []
     try:
-        text = path.read_bytes().decode("utf-8-sig")  # a leading BOM is not part of the header
+        raw = path.read_bytes()
     except OSError as e:
         return None, [Issue(src, None, f"cannot read DST file: {e.strerror or e}")]
+    try:
+        text = raw.decode("utf-8-sig")  # a leading BOM is not part of the header
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         return None, [Issue(src, line, f"not UTF-8 (byte {e.start})")]
     rows = _parse_rows(src, text, issues)
     if any(i.severity == "error" for i in issues):

@@ -125,14 +125,14 @@ def prepare(cfg: RunConfig):
     sampler = LengthGroupedSampler(train_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
     # the train loader yields the samples of a micro-batch uncollated, so the OOM safety net can
     # split them (collating is cheap padding; frames are decoded in the workers either way)
-    # the loader's own generator: creating its iterator (each epoch, and again after a resume)
-    # must not draw from the global RNG that dropout uses, or a resumed run is one draw off
+    # the loader's own generator (re-seeded per epoch in batches_forever): creating its iterator
+    # (each epoch, and again after a resume) must not draw from the global RNG dropout uses
     loader = DataLoader(
         train_ds,
         batch_sampler=sampler,
         collate_fn=list,
         num_workers=cfg.data.num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=torch.Generator(),
     )
     val_sampler = LengthGroupedSampler(val_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
     val_loader = DataLoader(val_ds, batch_sampler=val_sampler, collate_fn=collate)
@@ -191,7 +191,7 @@ def die_with_launcher() -> None:
     parent = os.getppid()
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the launcher died before the call: follow it now
+    if os.getppid() != parent or parent == 1:  # the launcher died before the call: follow it
         os._exit(1)
 
 

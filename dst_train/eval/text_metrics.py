@@ -11,6 +11,7 @@ are None and a warning says why. SPICE needs a download at first use and is left
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 # PTB tokens that are dropped (pycocoevalcap's list)
 PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ","}
 PUNCTUATION |= {":", "-", "--", "...", ";"}
+LINE_BREAKS = re.compile("[\n\r\v\f\u2028\u2029]")
 CAPTION_KEYS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "cider")
 
 
@@ -37,7 +39,10 @@ def ptb_tokenize(texts: list[str]) -> list[str]:
     """
     if not texts:
         return []
-    lines = "\n".join(t.replace("\n", " ") for t in texts)
+    # one text per line: the jar also breaks lines at \r, \v, \f and U+2028/9, which would
+    # shift every later text onto the wrong pair (ProAssist's wrapper replaces only \n; no
+    # fixture text holds the others, so parity is unchanged)
+    lines = "\n".join(LINE_BREAKS.sub(" ", t) for t in texts)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "sentences.txt"
         src.write_bytes(lines.encode())
@@ -45,6 +50,10 @@ def ptb_tokenize(texts: list[str]) -> list[str]:
         cmd += ["edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase", str(src)]
         out = subprocess.run(cmd, capture_output=True, check=True).stdout.decode()
     rows = out.split("\n")
+    while len(rows) > len(texts) and rows[-1] == "":
+        rows.pop()
+    if len(rows) > len(texts):
+        raise RuntimeError(f"PTB tokenizer gave {len(rows)} lines for {len(texts)} texts")
     # the jar drops trailing blank lines: a text that tokenises to nothing is ""
     rows += [""] * (len(texts) - len(rows))
     return [

@@ -107,15 +107,13 @@ class SmolVLMBackbone(nn.Module):
         params = list(vision.parameters())
         dtype = params[0].dtype
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        step = self.vision_chunk or max(len(pixel_values), 1)
-        if hasattr(params[0], "ds_id"):
-            # ZeRO-3 gathers the tower's weights at every call, a collective: the number of calls
-            # must not depend on this rank's frame count, so all frames go in one call
-            step = max(len(pixel_values), 1)
+        # ZeRO-3 gathers the tower's weights at every call, a collective: the number of calls
+        # must not depend on this rank's frame count, so there all frames go in one call
+        zero3 = hasattr(params[0], "ds_id")
+        step = len(pixel_values) if zero3 or not self.vision_chunk else self.vision_chunk
         with torch.set_grad_enabled(grad):
             parts = [
-                self._pooled(vision, pixel_values[i : i + step].to(dtype=dtype))
-                for i in range(0, max(len(pixel_values), 1), step)
+                self._pooled(vision, x.to(dtype=dtype)) for x in pixel_values.split(max(step, 1))
             ]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 

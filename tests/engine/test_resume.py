@@ -153,3 +153,35 @@ def test_rows_logged_after_the_last_checkpoint_are_dropped_on_resume(tmp_path):
     path.write_text("\n".join(rows) + '\n{"kind": "tra')  # the kill tore the last line
     drop_rows_after(path, 3)
     assert path.read_text().splitlines() == rows[:3]
+
+
+def test_workers_die_with_a_killed_torchrun(demo_root, tiny_model_dir, tmp_path):
+    # torchrun starts its workers in sessions of their own: a kill of its process group does not
+    # reach them, so they must follow their launcher themselves (else they keep writing here)
+    out = tmp_path / "orphans"
+    args = overrides(demo_root, tiny_model_dir, out, "train.max_steps=1000")
+    proc = subprocess.Popen(
+        train_command(args, launcher="torchrun"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def workers():
+        found = subprocess.run(["pgrep", "-f", f"output_dir={out}"], capture_output=True).stdout
+        return [int(p) for p in found.split() if int(p) != proc.pid]
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "config.yaml").is_file():  # training has begun
+        time.sleep(0.2)
+    assert len(workers()) == 2, "the workers never started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and workers():
+        time.sleep(0.2)
+    left = workers()
+    for pid in left:  # never leave them running, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "workers outlived their killed launcher"

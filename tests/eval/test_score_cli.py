@@ -23,6 +23,15 @@ def run_score(*args):
     )
 
 
+GOOD = {
+    "video_uid": "v1",
+    "fps": 2.0,
+    "dataset": "assembly101",
+    "predictions": [{"time": 1.0, "text": "a"}],
+    "references": [{"time": 1.5, "text": "b"}],
+}
+
+
 def test_score_a_fixture_file_gives_proassists_numbers():
     proc = run_score(FIXTURES / "cases" / "001.jsonl", "--embedding-model", "minilm", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -34,27 +43,16 @@ def test_score_a_fixture_file_gives_proassists_numbers():
 
 def test_score_table_with_the_default_model_proassists_mpnet(tmp_path):
     f = tmp_path / "one.jsonl"
-    video = {
-        "video_uid": "v",
-        "fps": 2.0,
-        "dataset": "assembly101",
-        "predictions": [{"time": 3.0, "text": "Attach the wheel to the axle."}],
-        "references": [{"time": 3.5, "text": "Now put the wheel on the axle."}],
-    }
+    video = dict(
+        GOOD,
+        predictions=[{"time": 3.0, "text": "Attach the wheel to the axle."}],
+        references=[{"time": 3.5, "text": "Now put the wheel on the axle."}],
+    )
     f.write_text(json.dumps(video) + "\n")
     proc = run_score(f)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "all-mpnet-base-v2" in proc.stdout
     assert "speak_f1             1.0000" in proc.stdout
-
-
-GOOD = {
-    "video_uid": "v1",
-    "fps": 2.0,
-    "dataset": "assembly101",
-    "predictions": [{"time": 1.0, "text": "a"}],
-    "references": [{"time": 1.5, "text": "b"}],
-}
 
 
 def _with(**change):

@@ -23,6 +23,11 @@ def test_ptb_tokenizer_lowercases_splits_and_removes_punctuation():
     assert toks == ["now insert the bumper", "do n't stop ok", "", "", "a b"]
 
 
+def test_line_breaks_inside_a_text_do_not_shift_the_others():
+    texts = ["a\rb", "c", "d\u2028e", "f", "g\x0ch", "i"]
+    assert ptb_tokenize(texts) == ["a b", "c", "d e", "f", "g h", "i"]
+
+
 def test_ptb_tokenizer_writes_nothing_into_site_packages(tmp_path):
     from dst_train.eval.text_metrics import _jar
 
