@@ -66,6 +66,7 @@ def _validate_data(args: argparse.Namespace) -> int:
         check_frames=not args.no_frames,
         span_policy=args.span_policy,
         progress=not args.json and sys.stderr.isatty(),
+        deep=args.deep,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
     return 0 if report.ok else 1
@@ -302,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="one DST annotation file (repeatable)",
     )
     p.add_argument("--no-frames", action="store_true", help="do not open the frame files")
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="decode every frame the clips use (default: each clip's first and last)",
+    )
     p.add_argument(
         "--span-policy",
         default="repair",

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+MAX_INT = 2**31 - 1
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -149,6 +151,13 @@ class RunConfig:
         ):
             if value not in allowed:
                 problems.append(f"{key} must be {'|'.join(allowed)}, got {value!r}")
+        for key, value in (
+            ("model.lora_dropout", self.model.lora_dropout),
+            ("loss.focal_alpha", self.loss.focal_alpha),
+            ("train.min_lr_ratio", self.train.min_lr_ratio),
+        ):
+            if not 0 <= value <= 1:
+                problems.append(f"{key} must be in [0, 1], got {value}")
         if not all(0 <= b < 1 for b in self.train.betas):
             problems.append(f"train.betas must be two numbers in [0, 1), got {self.train.betas}")
         if not (math.isfinite(self.train.lr) and self.train.lr > 0):
@@ -245,25 +254,35 @@ def load_config(
     raw: dict = {}
     if path is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from e
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 (byte {e.start})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        raw = _parse_yaml(text, str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        _set_dotted(
+            raw, key.strip(), _parse_yaml(value, f"override {item!r:.80}") if value.strip() else ""
+        )
     cfg = _build(cls, raw, where=str(path or "config"))
     problems = cfg.validate() if hasattr(cfg, "validate") else []
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return cfg
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    except (ValueError, RecursionError) as e:  # an int of >4300 digits, nesting too deep
+        raise ConfigError(f"{where}: invalid YAML: {type(e).__name__}: {e}"[:300]) from None
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -322,17 +341,24 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return dict(value)
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-4" (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if hint in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if hint is int and isinstance(value, float):
+            raise ConfigError(f"{where}: expected int, got {value!r}")
+        # every number in the config is a count, rate or factor: finite and non-negative, and an
+        # int fits the 32 bits the libraries below take (numpy seeds, DataLoader workers, ...)
+        if (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= MAX_INT:
+            shown = f"{value:.6g}" if isinstance(value, float) else f"{value!r:.40}"
+            raise ConfigError(f"{where}: expected a finite number in [0, {MAX_INT}], got {shown}")
+        return hint(value)
+    if not isinstance(value, hint) or hint in (int, float):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r:.80}")
     return value
 
 

@@ -15,7 +15,6 @@ Annotated parent spans are only checked against that hull (LLM-made annotations 
 
 from __future__ import annotations
 
-import csv
 import math
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ STATES = (NOT_STARTED, IN_PROGRESS, COMPLETED)
 LEVELS = ("step", "substep", "action")
 SPAN_POLICIES = ("error", "repair", "clip")
 HEADER = ["type", "id", "start_ts", "end_ts", "name"]
+MAX_CELL_CHARS = 10_000  # a node name longer than this is corrupt input (it becomes prompt text)
 
 # One regex per id style; the level is the number of dotted parts.
 _NUMERIC_ID = re.compile(r"^\d+(\.\d+){0,2}$")
@@ -348,13 +348,23 @@ def _parse_rows(src: str, text: str, issues: list[Issue]) -> list[_Row]:
         issues.append(Issue(src, 1, f"header must be {'<TAB>'.join(HEADER)!r}, got {lines[0]!r}"))
         return []
     rows = []
-    for lineno, cells in enumerate(
-        csv.reader(lines[1:], delimiter="\t", quoting=csv.QUOTE_NONE), 2
-    ):
-        if not cells or all(not c.strip() for c in cells):
+    for lineno, line in enumerate(lines[1:], 2):
+        cells = line.split("\t")  # no quoting in this format: a quote is part of the text
+        if all(not c.strip() for c in cells):
             continue
         if len(cells) != 5:
             issues.append(Issue(src, lineno, f"expected 5 tab-separated fields, got {len(cells)}"))
+            continue
+        longest = max(range(5), key=lambda k: len(cells[k]))
+        if len(cells[longest]) > MAX_CELL_CHARS:
+            issues.append(
+                Issue(
+                    src,
+                    lineno,
+                    f"field {HEADER[longest]} has {len(cells[longest])} characters "
+                    f"(at most {MAX_CELL_CHARS})",
+                )
+            )
             continue
         raw_type, nid, start, end, name = cells
         level = _level_of(raw_type)

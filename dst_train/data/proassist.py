@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,14 @@ class ClipRecord:
         return self.end_frame_idx - self.start_frame_idx
 
 
+# Plausibility limits: a value beyond them is a corrupt number, not a long video, and would
+# otherwise surface as a MemoryError (a list per frame) or an OverflowError far from the record.
+MAX_FRAME_INDEX = 10**9  # ~16 years at 2 fps
+MAX_CLIP_FRAMES = 10**6  # ~5.8 days at 2 fps; ProAssist clips hold thousands
+MAX_SECONDS = 10**9
+MAX_FPS = 1000
+MAX_COUNT = 10**7  # token counts (max_seq_len, seq_len, num_tokens_per_img)
+
 _REQUIRED = {
     "dataset": str,
     "video_uid": str,
@@ -75,13 +84,33 @@ _OPTIONAL = {
     "fps": (int, float),
     "metadata": (dict, type(None)),
 }
+_RANGES = {  # inclusive bounds of the numeric fields of a record
+    "clip_idx": (0, MAX_FRAME_INDEX),
+    "start_frame_idx": (0, MAX_FRAME_INDEX),
+    "end_frame_idx": (0, MAX_FRAME_INDEX),
+    "max_seq_len": (0, MAX_COUNT),
+    "seq_len": (0, MAX_COUNT),
+    "num_tokens_per_img": (0, MAX_COUNT),
+    "fps": (1e-6, MAX_FPS),
+}
 
 
 def _check_type(where: str, key: str, value: Any, kind) -> None:
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int subclass in Python, but JSON true is not a number here
+    ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
     if not ok:
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        names = "/".join(k.__name__ for k in kinds)
         raise DataFormatError(f"{where}: field {key!r} must be {names}, got {value!r:.80}")
+
+
+def _check_number(where: str, key: str, value: Any, kind, lo: float, hi: float) -> None:
+    _check_type(where, key, value, kind)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataFormatError(f"{where}: field {key!r} must be a finite number, got {value}")
+    if not lo <= value <= hi:
+        shown = f"{value:.6g}" if isinstance(value, float) else f"{value!r:.40}"
+        raise DataFormatError(f"{where}: field {key!r} = {shown} is outside [{lo:g}, {hi:g}]")
 
 
 def _parse_turn(where: str, k: int, raw: Any) -> Turn:
@@ -89,22 +118,26 @@ def _parse_turn(where: str, k: int, raw: Any) -> Turn:
     if not isinstance(raw, dict):
         raise DataFormatError(f"{at}: a turn must be an object, got {raw!r:.80}")
     role = raw.get("role")
-    if role not in ROLES:
-        raise DataFormatError(f"{at}: unknown role {role!r} (expected one of {ROLES})")
+    if not isinstance(role, str) or role not in ROLES:
+        raise DataFormatError(f"{at}: unknown role {role!r:.80} (expected one of {ROLES})")
     if role == "frames":
         start, end = raw.get("start"), raw.get("end")
         for key, v in (("start", start), ("end", end)):
-            _check_type(at, key, v, int)
+            _check_number(at, key, v, int, 0, MAX_FRAME_INDEX)
         if end <= start:
             raise DataFormatError(f"{at}: empty or reversed frames span [{start}, {end})")
         return Turn("frames", start=start, end=end)
     content = raw.get("content")
     _check_type(at, "content", content, str)
     time = raw.get("time")
-    if role in ("user", "assistant"):
-        _check_type(at, "time", time, (int, float))
-    labels = raw.get("labels") or ""
-    return Turn(role, content=content, time=None if time is None else float(time), labels=labels)
+    if role in ("user", "assistant") or time is not None:
+        _check_number(at, "time", time, (int, float), 0, MAX_SECONDS)
+    labels = raw.get("labels")
+    if labels is not None:
+        _check_type(at, "labels", labels, str)
+    return Turn(
+        role, content=content, time=None if time is None else float(time), labels=labels or ""
+    )
 
 
 def parse_clip(obj: Any, where: str) -> ClipRecord:
@@ -114,21 +147,23 @@ def parse_clip(obj: Any, where: str) -> ClipRecord:
     missing = [k for k in _REQUIRED if k not in obj]
     if missing:
         raise DataFormatError(f"{where}: missing field(s) {', '.join(missing)}")
-    for key, kind in _REQUIRED.items():
-        _check_type(where, key, obj[key], kind)
-    for key, kind in _OPTIONAL.items():
-        if key in obj:
+    for key, kind in (*_REQUIRED.items(), *_OPTIONAL.items()):
+        if key in _RANGES and key in obj:
+            _check_number(where, key, obj[key], kind, *_RANGES[key])
+        elif key in obj:
             _check_type(where, key, obj[key], kind)
     start, end = obj["start_frame_idx"], obj["end_frame_idx"]
-    if start < 0 or end <= start:
+    if end <= start:
         raise DataFormatError(
             f"{where}: bad frame range start_frame_idx={start} end_frame_idx={end}"
         )
+    if end - start > MAX_CLIP_FRAMES:
+        raise DataFormatError(
+            f"{where}: clip of {end - start} frames is longer than the {MAX_CLIP_FRAMES} "
+            "frames a clip may hold (split the video into clips)"
+        )
     turns = [_parse_turn(where, k, t) for k, t in enumerate(obj["conversation"])]
     _check_conversation(where, turns, start, end)
-    fps = float(obj.get("fps", 2.0))
-    if fps <= 0:
-        raise DataFormatError(f"{where}: fps must be positive, got {fps}")
     return ClipRecord(
         dataset=obj["dataset"],
         video_uid=obj["video_uid"],
@@ -141,7 +176,7 @@ def parse_clip(obj: Any, where: str) -> ClipRecord:
         seq_len=obj.get("seq_len", 0),
         num_tokens_per_img=obj.get("num_tokens_per_img", 1),
         use_img_sep_token=obj.get("use_img_sep_token", False),
-        fps=fps,
+        fps=float(obj.get("fps", 2.0)),
         metadata=obj.get("metadata") or {},
         source=where,
     )
@@ -169,26 +204,37 @@ def iter_prepared(path: str | Path, errors: list[str] | None = None) -> Iterator
     """
     path = Path(path)
     try:
-        fh = path.open(encoding="utf-8")
+        fh = path.open("rb")  # bytes: only \n ends a record, and a bad byte names its line
     except OSError as e:
         _fail(errors, DataFormatError(f"{path}: cannot open prepared file: {e.strerror or e}"))
         return
     with fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+        for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                _fail(
-                    errors, DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-                )
-                continue
-            try:
-                yield parse_clip(obj, where)
+                obj = _decode_line(raw, where, first=lineno == 1)
+                if obj is not None:
+                    yield parse_clip(obj, where)
             except DataFormatError as e:
                 _fail(errors, e)
+
+
+def _decode_line(raw: bytes, where: str, first: bool) -> Any:
+    """One JSONL line → its JSON value (None for a blank line)."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{where}: not UTF-8 (byte {e.start} of the line)") from None
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataFormatError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise DataFormatError(f"{where}: invalid JSON ({e})") from None
 
 
 def read_prepared(path: str | Path) -> list[ClipRecord]:
@@ -231,7 +277,29 @@ class FrameReader:
                 f"{self.path}: frame slice [{start}, {end}) is outside the file's "
                 f"{len(self)} frames"
             )
+        self._check_structure(start, end)
         return self._ds[start:end]["frame"]
+
+    def _check_structure(self, start: int, end: int) -> None:
+        """Full Arrow validation of the rows about to be read: string offsets inside the data
+        buffer, in order, and UTF-8. Reading rows with a corrupt offset crashes the process
+        natively (segfault), so this runs before every read; it costs a pass over the slice's
+        bytes, little next to decoding its JPEGs."""
+        import pyarrow as pa
+
+        column = self._ds.data.table.column("frame")
+        try:
+            column.slice(start, end - start).validate(full=True)
+            return
+        except pa.ArrowException:
+            pass
+        for k in range(start, end):  # name the first bad frame
+            try:
+                column.slice(k, 1).validate(full=True)
+            except pa.ArrowException as e:
+                raise DataFormatError(
+                    f"{self.path}: frame {k}: corrupt Arrow data ({e}); re-extract the frames"
+                ) from None
 
     def images(self, start: int, end: int) -> list:
         """Decoded RGB ``PIL.Image`` frames ``[start, end)``."""

@@ -76,7 +76,7 @@ def test_reads_typed_records(tmp_path):
         (lambda r: r["conversation"][1].update(end=2), "empty or reversed frames span"),
         (lambda r: r["conversation"][5].update(end=11), "outside the clip"),
         (lambda r: r["conversation"][4].pop("time"), "conversation\\[4\\]: field 'time'"),
-        (lambda r: r.update(fps=0), "fps must be positive"),
+        (lambda r: r.update(fps=0), "field .fps. = 0 is outside"),
     ],
 )
 def test_malformed_record_errors_name_file_and_line(tmp_path, mutate, msg):

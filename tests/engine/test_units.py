@@ -209,8 +209,11 @@ BAD_OVERRIDES = [
     ("train.betas=[0.9]", "train.betas: expected 2 values, got [0.9]"),
     ("train.betas=[0.9, 0.99, 0.9]", "train.betas: expected 2 values"),
     ("train.betas=[0.9, 1.5]", "train.betas must be two numbers in [0, 1)"),
-    ("train.lr=.nan", "train.lr must be a positive number"),
-    ("train.lr=-1", "train.lr must be a positive number"),
+    ("train.lr=.nan", "train.lr: expected a finite number in [0, 2147483647], got nan"),
+    ("train.lr=-1", "train.lr: expected a finite number in [0, 2147483647], got -1"),
+    ("train.lr=0", "train.lr must be a positive number"),
+    ("seed=1e400", "seed: expected int, got '1e400'"),
+    ("model.lora_dropout=1.5", "model.lora_dropout must be in [0, 1], got 1.5"),
     ("train={1: 2}", "unknown key(s) ['1']"),
 ]
 
