@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
+
+from dst_train.atomic_io import write_text_atomic
 
 
 def drop_rows_after(path: Path, step: int) -> None:
@@ -22,9 +23,7 @@ def drop_rows_after(path: Path, step: int) -> None:
             continue  # the line a kill cut short
         if row.get("step", 0) <= step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(x + "\n" for x in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(x + "\n" for x in kept))
 
 
 class MetricsLogger:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dst_train.atomic_io import write_text_atomic
 from dst_train.eval.dst_metrics import dst_scores
 from dst_train.eval.report import REPORT_KEYS
 from dst_train.eval.score import VideoTurns, score_videos, write_score_file
@@ -128,7 +129,14 @@ def finished_traces(trace_dir: Path, settings: dict, labels_list) -> dict[int, l
     path = trace_dir / SETTINGS_FILE
     if not path.is_file():
         return {}
-    old = json.loads(path.read_text())
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: not written by us
+        raise StaleTraces(
+            f"{path}: unreadable ({e}); remove the folder or run without --resume"
+        ) from None
     changed = [k for k in settings if old.get(k) != settings[k]]
     if changed:
         k = changed[0]
@@ -173,7 +181,7 @@ def run_split(
         if not resume:  # a fresh run owns the folder: no trace of other settings may stay behind
             for old in (*trace_dir.glob("*.jsonl"), *trace_dir.glob("*.jsonl.tmp")):
                 old.unlink()
-        (trace_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+        write_text_atomic(trace_dir / SETTINGS_FILE, json.dumps(settings, indent=2))
 
     assistant = StreamingAssistant(
         model,
@@ -199,10 +207,11 @@ def run_split(
     def done(k: int, traces) -> None:
         progress.update()
         if trace_dir is not None:
-            path = trace_file(trace_dir, jobs[todo[k]].labels.clip)
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(t.to_dict()) + "\n" for t in traces))
-            tmp.replace(path)  # a crash mid-write never leaves half a trace for --resume
+            # atomic: a kill mid-write never leaves half a trace for --resume to read
+            write_text_atomic(
+                trace_file(trace_dir, jobs[todo[k]].labels.clip),
+                "".join(json.dumps(t.to_dict()) + "\n" for t in traces),
+            )
 
     streamed = assistant.run_many([jobs[i] for i in todo], batch_size=stream_batch, on_done=done)
     progress.close()

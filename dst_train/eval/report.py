@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dst_train.atomic_io import write_text_atomic
+
 # the flat keys every report.json "metrics" object has (the contract)
 REPORT_KEYS = (
     "speak_f1",
@@ -48,7 +50,7 @@ def table(report: dict) -> str:
 def write_report(report: dict, out: Path) -> None:
     videos = report.get("_videos", [])
     body = {k: v for k, v in report.items() if k != "_videos"}
-    (out / "report.json").write_text(json.dumps(body, indent=2) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(body, indent=2) + "\n")
     md = [
         f"# Evaluation of `{report['model_dir']}`",
         "",
@@ -59,7 +61,7 @@ def write_report(report: dict, out: Path) -> None:
         table(report),
         "",
     ]
-    (out / "report.md").write_text("\n".join(md))
+    write_text_atomic(out / "report.md", "\n".join(md))
     plots = []
     if videos:
         plots.append(plot_timeline(videos[0], out / "timeline.png"))
@@ -68,7 +70,7 @@ def write_report(report: dict, out: Path) -> None:
             plot_threshold_curves(report["model_threshold_curves"], out / "threshold_curves.png")
         )
     body["plots"] = [str(p) for p in plots]
-    (out / "report.json").write_text(json.dumps(body, indent=2) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(body, indent=2) + "\n")
 
 
 def _plt():

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from dst_train.atomic_io import write_text_atomic
 from dst_train.eval.speaking import (
     SIM_THRESHOLD,
     MatchResult,
@@ -189,6 +190,4 @@ def write_score_file(videos: list[VideoTurns], path: Path) -> None:
         lines.append(
             json.dumps({"video_uid": v.video_uid, "fps": v.fps, "dataset": v.dataset, **side})
         )
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in lines))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(x + "\n" for x in lines))

@@ -186,3 +186,49 @@ def test_evaluate_resume_streams_only_the_clips_without_a_trace(
     # settings) must not be there for a later --resume to pick up
     assert main(["evaluate", *args[:-1], "--max-clips", "1"]) == 0
     assert [p.name for p in (out / "traces").glob("*.jsonl*")] == [traces[0].name]
+
+
+def test_a_killed_evaluate_resumes_to_the_same_report(demo_root, model_folder, tmp_path):
+    """kill -9 mid-stream (after some clips' traces are written, maybe mid-write), then the same
+    command with --resume: the report and predictions equal an uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    def command(out, *extra):
+        args = [sys.executable, "-m", "dst_train.cli", "evaluate", str(model_folder)]
+        args += ["--data", str(demo_root), "--out", str(out), "--split", "train"]
+        args += ["--max-clips", "4", "--device", "cpu", "--embedding-model", "minilm"]
+        return [*args, "--max-new-tokens", "2", "--stream-batch", "1", *extra]
+
+    def run(*args):
+        proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(*command(tmp_path / "whole"))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        command(out),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 600
+    while not list((out / "traces").glob("*.jsonl")) and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside the next clip
+    killed = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed, "the run finished before the kill"
+    assert len(list((out / "traces").glob("*.jsonl"))) < 4 and not (out / "report.json").exists()
+    run(*command(out, "--resume"))
+    whole, resumed = (
+        json.loads((d / "report.json").read_text()) for d in (tmp_path / "whole", out)
+    )
+    assert resumed["metrics"] == whole["metrics"]
+    assert (out / "predictions.jsonl").read_text() == (
+        tmp_path / "whole" / "predictions.jsonl"
+    ).read_text()
