@@ -61,7 +61,7 @@ def run_ours(args, micro: int, steps: int) -> dict:
     from dst_train.tune.memory import PeakMemory
 
     cfg, s = _build(args, micro)
-    runner = MicroBatchRunner(s["engine"], s["collate"], s["device"], False, micro, micro, 0)
+    runner = MicroBatchRunner(s["engine"], s["collate"], s["device"], False, micro, 1, 0)
     stream = batches_forever(s["loader"], s["sampler"], 0, 0)
     tokens = samples = 0
     with PeakMemory(s["device"]) as mem:

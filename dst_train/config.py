@@ -116,7 +116,7 @@ class TrainConfig:
     max_skipped_in_a_row: int = 20  # fp16 overflow: stop after this many skipped steps in a row
     cpu_shm_comm: bool = False  # CPU runs: build DeepSpeed's shared-memory comm op (~45 s compile)
     tensorboard: bool = True
-    oom_retry: bool = False  # on CUDA OOM: halve micro-batch, double accumulation, go on
+    oom_retry: bool = False  # on CUDA OOM: halve micro-batch, replay the step exactly (autotune.md)
     # Adam implementation: false = torch's AdamW through DeepSpeed (no compiled op, works on a
     # pip-only install); true = DeepSpeed's FusedAdam (GPU) / DeepSpeedCPUAdam (offload), which
     # compile on first use and need nvcc + CUDA_HOME (docs/training.md: how to pre-build them)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -78,17 +79,31 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
 
 def setup(cfg: RunConfig):
     """Everything the loop needs, built in a fixed order; returns a namespace-like dict."""
+    s = prepare(cfg)
+    s["engine"] = make_engine(s, cfg, cfg.train.micro_batch_size, s["grad_accum"])
+    return s
+
+
+def make_engine(s: dict, cfg: RunConfig, micro: int, grad_accum: int):
+    """A DeepSpeed engine over ``s["model"]`` at ``micro`` samples per micro-step and
+    ``grad_accum`` micro-steps per optimizer step (the OOM safety net builds a second one)."""
     import deepspeed
 
-    s = prepare(cfg)
     t = cfg.train
-    s["engine"], _, _, _ = deepspeed.initialize(
+    world = s["world"]
+    ds_config = dict(
+        s["ds_config"],
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=grad_accum,
+        train_batch_size=micro * grad_accum * world,
+    )
+    engine, _, _, _ = deepspeed.initialize(
         model=s["model"],
         model_parameters=param_groups(s["model"], t.weight_decay),
-        config=s["ds_config"],
+        config=ds_config,
         lr_scheduler=lambda opt: lr_schedule(opt, t.warmup_steps, t.max_steps, t.min_lr_ratio),
     )
-    return s
+    return engine
 
 
 def prepare(cfg: RunConfig):
@@ -295,11 +310,15 @@ def fit(cfg: RunConfig) -> dict:
         device,
         t.oom_retry,
         t.micro_batch_size,
-        s["grad_accum"] * t.micro_batch_size * world,
+        s["grad_accum"],
         rank,
         world,
+        rebuild=lambda micro, accum: make_engine(s, cfg, micro, accum),
+        scratch=out_dir / OOM_SCRATCH,
+        zero_stage=zero_stage(s["ds_config"]),
     )
-    engine.train()
+    del engine  # the safety net may replace it: always use oom_net.engine from here on
+    oom_net.engine.train()
     while state["step"] < t.max_steps:
         t0 = time.perf_counter()
         window = []  # this optimizer step's micro-batches (replayed if the safety net halves)
@@ -307,7 +326,8 @@ def fit(cfg: RunConfig) -> dict:
             epoch, index, items = next(stream)
             window.append(items)
             state.update(epoch=epoch, batch_in_epoch=index + 1)
-        sums = oom_net.run_window(window)  # losses…, tokens, samples
+        sums = oom_net.run_window(window, state["step"] + 1)  # losses…, tokens, samples
+        engine = oom_net.engine
         state["step"] += 1
         guard.update(engine.skipped_steps, loss_scale(engine))
         sums = all_reduce_sum(sums, device)
@@ -333,6 +353,7 @@ def fit(cfg: RunConfig) -> dict:
             checkpoint.save(
                 engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier
             )
+    engine = oom_net.engine
     final = evaluate(engine, s["val_loader"], device, t.eval_batches)
     log.eval(state["step"], final)
     checkpoint.save(engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier)
@@ -340,17 +361,29 @@ def fit(cfg: RunConfig) -> dict:
     return {"step": state["step"], **final}
 
 
-class MicroBatchRunner:
-    """Runs one optimizer step's micro-batches through the engine. With ``oom_retry``, a CUDA
-    out-of-memory error halves the micro-batch: each loader batch is then split in 2, 4, …
-    chunks, DeepSpeed's accumulation doubles so the global batch stays the same, and the step is
-    replayed from its first micro-batch (partial gradients are dropped).
+OOM_SCRATCH = ".oom_replay"  # in output_dir: the engine state the safety net rebuilds from
 
-    With several ranks, every rank's batch differs, so one rank may run out of memory in a
-    forward the others get through. The ranks then agree after each forward (one 1-element
-    all-reduce) and all halve together; otherwise the others would go on into backward's gradient
-    collectives while that rank replays, and the run would die on mismatched collectives. An OOM
-    inside backward on some ranks only cannot be recovered this way: the run stops."""
+
+class MicroBatchRunner:
+    """Runs one optimizer step's micro-batches through the engine, with the OOM safety net.
+
+    With ``oom_retry``, a CUDA out-of-memory error halves the micro-batch and replays the step:
+    each loader batch is then split into chunks of the smaller size, and DeepSpeed's accumulation
+    grows so the samples per optimizer step stay the same. DeepSpeed cannot be reset mid-window
+    (``zero_grad`` leaves ZeRO's reduced-gradient buffers, bucket state and micro-step counter
+    behind: a replay after an OOM in a later micro-batch trained on stale gradients, and one after
+    an OOM in backward crashed inside DeepSpeed), so the engine is rebuilt: its state — untouched,
+    since the optimizer step has not run — goes to a scratch checkpoint, a new engine at the
+    smaller micro-batch loads it, and the window's RNG state is restored. The replayed step is
+    then a clean step at the smaller micro-batch (tested to fp32 round-off at every position).
+
+    Which OOMs can be replayed: on one rank, any in forward or backward. On several ranks, one in
+    forward under ZeRO-0/1/2 (no collectives run in forward): the ranks agree after each forward
+    (one 1-element all-reduce) and rebuild together. An OOM in backward on several ranks (the
+    others may be inside a gradient collective this rank will never join), in forward under ZeRO-3
+    (parameter all-gathers), or in the optimizer step (parameters half updated) cannot be: the
+    rank prints what happened and how to resume, and exits at once; the launcher then stops the
+    others (a hang is never the outcome)."""
 
     def __init__(
         self,
@@ -359,42 +392,55 @@ class MicroBatchRunner:
         device,
         oom_retry: bool,
         micro: int,
-        global_batch: int,
+        grad_accum: int,
         rank: int,
         world: int = 1,
+        rebuild=None,
+        scratch: Path | None = None,
+        zero_stage: int = 2,
     ):
         self.engine, self.collate, self.device = engine, collate, device
-        self.oom_retry, self.micro, self.global_batch = oom_retry, micro, global_batch
-        self.rank = rank
-        self.agree = oom_retry and world > 1
-        self.chunks = 1
+        self.oom_retry, self.micro, self.grad_accum = oom_retry, micro, grad_accum
+        self.rank, self.world, self.zero_stage = rank, world, zero_stage
+        self.rebuild, self.scratch = rebuild, scratch
+        self.agree = oom_retry and world > 1 and zero_stage < 3
+        self.chunk = micro  # samples per engine micro-step
+        self.phase = "forward"
 
     @property
     def current_micro(self) -> int:
         """Samples per engine micro-step now (the configured micro-batch until an OOM halves it)."""
-        return self.micro // self.chunks
+        return self.chunk
 
-    def run_window(self, window: list[list]) -> torch.Tensor:
-        """Forward/backward/step over every micro-batch; returns summed losses, tokens, samples."""
-        start = self.engine.micro_steps
+    def run_window(self, window: list[list], step: int = 0) -> torch.Tensor:
+        """Forward/backward/step over every micro-batch of optimizer step ``step``; returns the
+        summed losses, tokens and samples."""
+        rng = checkpoint.rng_state()
         while True:
             try:
                 return self._run(window)
-            except torch.OutOfMemoryError:
-                if not self.oom_retry or self.current_micro < 2:
+            except torch.OutOfMemoryError as e:
+                if not self.oom_retry:
                     raise
-                self._halve(start)
+                what = str(e).splitlines()[0] if str(e) else "out of memory"
+            # outside the except block: the traceback, and with it the failed step's
+            # activations, is gone before the engine is rebuilt
+            self._recover(what, step)
+            checkpoint.set_rng_state(rng)  # the replay draws the same dropout masks
 
     def _run(self, window: list[list]) -> torch.Tensor:
         sums = torch.zeros(len(LOSSES) + 2, dtype=torch.float64)
         for items in window:
-            size = math.ceil(len(items) / self.chunks)
-            for c in range(0, len(items), size):
-                batch = self.collate(items[c : c + size])
+            parts = range(0, len(items), self.chunk)
+            for c in parts:
+                batch = self.collate(items[c : c + self.chunk])
+                self.phase = "forward"
                 out = self._forward(batch)
+                self.phase = "backward"
                 self.engine.backward(out["loss"])
+                self.phase = "step"
                 self.engine.step()
-                sums[: len(LOSSES)] += torch.tensor([out[k].item() for k in LOSSES]) / self.chunks
+                sums[: len(LOSSES)] += torch.tensor([out[k].item() for k in LOSSES]) / len(parts)
                 sums[-2] += batch["attention_mask"].sum().item()
                 sums[-1] += batch["input_ids"].shape[0]
         return sums
@@ -417,23 +463,64 @@ class MicroBatchRunner:
                 )
         return out
 
-    def _halve(self, window_start: int) -> None:
-        self.engine.zero_grad()
-        self.engine.micro_steps = window_start  # the accumulation boundary counts from here
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        old_micro = self.current_micro
-        self.chunks *= 2
-        new_micro = self.current_micro
-        self.engine.set_train_micro_batch_size(new_micro)
-        self.engine.set_train_batch_size(self.global_batch)
+    def _recover(self, what: str, step: int) -> None:
+        where = f"{what} (in the {self.phase} of step {step}, rank {self.rank})"
+        if self.chunk < 2:
+            raise TrainingStopped(f"{where} with one sample per micro-batch: nothing left to halve")
+        several = self.world > 1 and (self.phase == "backward" or self.zero_stage == 3)
+        if self.phase == "step" or several or self.rebuild is None:
+            self._stop(where)
+        old_micro, self.chunk = self.chunk, self.chunk // 2
+        accum = self.grad_accum * math.ceil(self.micro / self.chunk)
+        self._rebuild_engine(self.chunk, accum)
         if self.rank == 0:
             print(
-                f"out of memory: micro-batch {old_micro} -> {new_micro}, "
-                f"accumulation {self.engine.gradient_accumulation_steps()} (global batch "
-                f"{self.global_batch} kept); replaying this step",
+                f"out of memory: micro-batch {old_micro} -> {self.chunk}, accumulation {accum} "
+                f"(the same samples per step); replaying step {step}",
                 flush=True,
             )
+
+    def _rebuild_engine(self, micro: int, accum: int) -> None:
+        import gc
+        import shutil
+
+        tag = "state"
+        self.engine.save_checkpoint(str(self.scratch), tag=tag, save_latest=False)
+        module = self.engine.module
+        self.engine.destroy()  # removes its gradient hooks from the parameters
+        self.engine = None
+        for p in module.parameters():  # what a backward cut short left on them
+            p.grad = None
+            if hasattr(p, "grad_accum"):
+                p.grad_accum = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.engine = self.rebuild(micro, accum)
+        self.engine.load_checkpoint(
+            str(self.scratch), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        self.engine.train()
+        torch.distributed.barrier()
+        if self.rank == 0:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _stop(self, where: str) -> None:
+        message = (
+            f"{where}: this cannot be replayed in place"
+            + (
+                " (the optimizer step had started)"
+                if self.phase == "step"
+                else " (the other ranks may be inside a collective this rank will not join)"
+            )
+            + ". Run the same command to resume from the last checkpoint; if it runs out of "
+            "memory here again, lower train.micro_batch_size (the rest of that epoch is then "
+            "batched anew) or see docs/training.md (memory guide)."
+        )
+        if self.world == 1:
+            raise TrainingStopped(message)
+        print(f"training stopped: {message}", file=sys.stderr, flush=True)
+        os._exit(1)  # the launcher stops the other ranks; waiting for them could hang
 
 
 def resume_tag(cfg: RunConfig, ckpt_dir: Path) -> tuple[Path, str] | None:

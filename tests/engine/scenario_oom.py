@@ -1,7 +1,16 @@
-"""Train with ``train.oom_retry`` while every forward of more than one sample raises an
-out-of-memory error (what a too-large micro-batch does on a GPU) — on every rank, or with
-``rank1`` as the 4th argument only on rank 1 (the other ranks' batches fit). Run with plain
-`python` (one process) or torchrun. Prints one JSON object of findings per rank."""
+"""Train with ``train.oom_retry`` and one simulated CUDA out-of-memory error at a chosen place.
+
+    python scenario_oom.py DEMO TINY OUT WINDOW:MICRO:PHASE:RANKS [...] [key=value ...]
+
+One short run per WINDOW:MICRO:PHASE:RANKS (in OUT/<that spec>), one after the other in this
+process (the imports and process group are paid once). In each, the OOM hits the MICRO-th
+micro-batch (from 0) of optimizer step WINDOW (from 1), in PHASE ``forward`` (the model's
+forward raises), ``backward`` (a gradient hook half-way down the language model raises: the
+later layers' gradients have already reached DeepSpeed) or ``step`` (the optimizer step at the
+accumulation boundary raises before it runs), on RANKS ``all`` or one rank number. Afterwards
+every micro-batch has one sample, so nothing raises again. Run with plain `python` (one
+process) or torchrun. Rank 0 saves each run's final trainable weights to OUT/<spec>/final.pt;
+each rank prints one ``RESULT {json}`` line per run."""
 
 import json
 import sys
@@ -13,61 +22,112 @@ from dst_train.config import load_config
 from dst_train.engine import trainer
 from dst_train.model.dst_model import DSTModel
 
-demo_root, tiny, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-only_rank1 = sys.argv[4:] == ["rank1"]
+demo_root, tiny, out_root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+specs = [a for a in sys.argv[4:] if "=" not in a]
+extra = [a for a in sys.argv[4:] if "=" in a]
+GRAD_ACCUM = 2
+calls, where = {}, {}
+
+
+def hit_here() -> bool:
+    return where["ranks"] == "all" or torch.distributed.get_rank() == int(where["ranks"])
+
+
+def raise_oom(*_):
+    calls["oom"] += 1
+    raise torch.OutOfMemoryError(f"CUDA out of memory (simulated, {where['phase']})")
+
+
 real_forward = DSTModel.forward
-calls = {"oom": 0}
 
 
-def forward_with_a_memory_cap(self, *args, **kw):
-    hit = not only_rank1 or torch.distributed.get_rank() == 1
-    if hit and kw["input_ids"].shape[0] > 1:
-        calls["oom"] += 1
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated: micro-batch > 1)")
+def forward_with_an_oom(self, *args, **kw):
+    if kw["input_ids"].shape[0] > 1:
+        index, calls["big"] = calls["big"], calls["big"] + 1
+        if index == where["target"] and hit_here():
+            if where["phase"] == "forward":
+                raise_oom()
+            calls["armed"] = where["phase"]
     return real_forward(self, *args, **kw)
 
 
-DSTModel.forward = forward_with_a_memory_cap
-real_setup = trainer.setup
-seen = {}
+def middle_layer_hook(module, inputs, output):
+    if calls["armed"] == "backward":
+        calls["armed"] = False
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden.register_hook(raise_oom)  # fires mid-backward
 
 
-def setup_and_keep(cfg):
-    s = real_setup(cfg)
-    seen["engine"] = s["engine"]
-    return s
+DSTModel.forward = forward_with_an_oom
+real_make_engine = trainer.make_engine
+engines = []
 
 
-trainer.setup = setup_and_keep
-cfg = load_config(
-    None,
-    [
-        f"data.root={demo_root}",
-        f"model.arch={tiny}",
-        f"output_dir={out}",
-        "train.micro_batch_size=2",
-        "train.grad_accum=2",
-        "train.max_steps=4",
-        "train.oom_retry=true",
-        "train.lr=0.003",
-        "train.warmup_steps=1",
-    ],
-)
-trainer.fit(cfg)
-engine = seen["engine"]
-rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-print(
-    "RESULT "
-    + json.dumps(
-        {
-            "rank": torch.distributed.get_rank(),
-            "oom_calls": calls["oom"],
-            "micro_batches": [r["micro_batch"] for r in rows if r["kind"] == "train"],
-            "train_batch_size": engine.train_batch_size(),
-            "accumulation": engine.gradient_accumulation_steps(),
-            "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
-            "global_steps": engine.global_steps,
-            "losses": [r["loss"] for r in rows if r["kind"] == "train"],
-        }
+def make_engine_and_watch(s, cfg, micro, grad_accum):
+    engine = real_make_engine(s, cfg, micro, grad_accum)
+    if not engines:
+        layers = s["model"].backbone.hf.model.text_model.layers
+        layers[len(layers) // 2].register_forward_hook(middle_layer_hook)
+    real_step = engine.step
+
+    def step_with_an_oom(*a, **kw):
+        if calls["armed"] == "step" and engine.is_gradient_accumulation_boundary():
+            calls["armed"] = False
+            raise_oom()
+        return real_step(*a, **kw)
+
+    engine.step = step_with_an_oom
+    engines.append(engine)
+    return engine
+
+
+trainer.make_engine = make_engine_and_watch
+for spec in specs:
+    window, micro, phase, ranks = spec.split(":")
+    # the OOM's place, as an index among the two-sample forwards
+    where.update(target=(int(window) - 1) * GRAD_ACCUM + int(micro), phase=phase, ranks=ranks)
+    calls.update(big=0, oom=0, armed=False)
+    engines.clear()
+    out = out_root / spec.replace(":", "_")
+    cfg = load_config(
+        None,
+        [
+            f"data.root={demo_root}",
+            f"model.arch={tiny}",
+            f"output_dir={out}",
+            "train.micro_batch_size=2",
+            f"train.grad_accum={GRAD_ACCUM}",
+            "train.max_steps=3",
+            "train.oom_retry=true",
+            "train.lr=0.003",
+            "train.warmup_steps=1",
+            "train.eval_batches=1",
+            *extra,
+        ],
     )
-)
+    trainer.fit(cfg)
+    engine = engines[-1]
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        trained = engine.module.named_parameters()
+        weights = {n: p.detach().clone() for n, p in trained if p.requires_grad}
+        torch.save(weights, out / "final.pt")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "spec": spec,
+                "rank": rank,
+                "oom_calls": calls["oom"],
+                "engines_built": len(engines),
+                "micro_batches": [r["micro_batch"] for r in rows if r["kind"] == "train"],
+                "train_batch_size": engine.train_batch_size(),
+                "accumulation": engine.gradient_accumulation_steps(),
+                "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+                "global_steps": engine.global_steps,
+                "losses": [r["loss"] for r in rows if r["kind"] == "train"],
+            }
+        ),
+        flush=True,
+    )
