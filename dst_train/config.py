@@ -65,7 +65,7 @@ class ModelConfig:
             "down_proj",
         ]
     )
-    qlora: bool = False  # 4-bit base weights (bitsandbytes, CUDA only) + LoRA
+    qlora: bool = False  # 4-bit nf4 LM weights (bitsandbytes; GPU or CPU) + LoRA; ZeRO-0/1/2
     gradient_checkpointing: bool = False
     # frames per vision-tower call when the tower runs online (training, evaluate's threshold
     # pass): bounds the tower's activations whatever the clip length; 0 = all frames at once.
@@ -168,6 +168,18 @@ class RunConfig:
             problems.append("loss.decision_loss must be focal|bce")
         if self.model.qlora and not self.model.lora:
             problems.append("model.qlora needs model.lora=true")
+        if self.model.qlora and not self.model.pretrained:
+            problems.append(
+                "model.qlora needs model.pretrained=true (4-bit weights are made "
+                "from a pretrained checkpoint)"
+            )
+        if self.model.qlora and self._zero_stage() == 3:
+            problems.append(
+                "model.qlora=true cannot run under ZeRO-3 "
+                f"(train.ds_config={self.train.ds_config}): ZeRO-3 partitions every "
+                "parameter and bitsandbytes' packed 4-bit weights cannot be partitioned; "
+                "use ds_configs/zero2.json (the 4-bit base is small already)"
+            )
         t = self.train
         if t.micro_batch_size < 1 or t.grad_accum < 1 or t.max_steps < 1:
             problems.append(
@@ -176,6 +188,19 @@ class RunConfig:
         if t.resume not in ("auto", "never") and not t.resume:
             problems.append("train.resume must be auto, never or a checkpoint folder")
         return problems
+
+    def _zero_stage(self) -> int | None:
+        """ZeRO stage of the DeepSpeed template (None when it cannot be read: path_problems
+        reports a missing one)."""
+        import json
+
+        from dst_train.engine.ds_config import resolve_template_path
+
+        try:
+            text = resolve_template_path(self.train.ds_config).read_text()
+            return int(json.loads(text).get("zero_optimization", {}).get("stage", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
 
     def path_problems(self, check_feature_cache: bool = True) -> list[str]:
         """Every missing input on disk at once (dataset root and splits, a local model folder, the

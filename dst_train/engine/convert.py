@@ -71,10 +71,18 @@ def convert(
     cfg = load_config(ckpt_dir / tag / "config.yaml")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     mcfg = cfg.model
-    mcfg.pretrained, mcfg.qlora, mcfg.gradient_checkpointing = False, False, False
+    qlora = mcfg.qlora
+    # QLoRA: DeepSpeed saved the frozen 4-bit weights packed (uint8) and zero_to_fp32 dropped
+    # their quantization state, so they cannot be loaded back. They never trained: the model is
+    # built from the pretrained base in full precision, and only what trained (LoRA, heads,
+    # unfrozen parts) comes from the checkpoint — merging then folds LoRA into the full-precision
+    # base weights, the QLoRA way.
+    mcfg.pretrained, mcfg.qlora, mcfg.gradient_checkpointing = qlora, False, False
     model = build_model(mcfg, cfg.head_config(), Precision("fp32", "sdpa"))
+    if qlora:
+        state = _trained_only(model, state, ckpt_dir / tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    if (missing and not qlora) or unexpected:
         raise ValueError(
             f"{ckpt_dir / tag}: checkpoint does not match the model "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
@@ -103,3 +111,12 @@ def convert(
         "seconds": time.perf_counter() - t0,
         "peak_ram_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
+
+
+def _trained_only(model, state: dict, where: Path) -> dict:
+    """The entries of ``state`` for the parameters that train; every one must be there."""
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    lost = [n for n in trained if n not in state]
+    if lost:
+        raise ValueError(f"{where}: the checkpoint lacks trained weights, e.g. {lost[:3]}")
+    return {n: state[n] for n in trained}

@@ -53,6 +53,8 @@ def build_model(mcfg: ModelConfig, heads: HeadConfig, precision: Precision) -> D
     model = DSTModel(SmolVLMBackbone(hf, heads.tokens_per_frame, mcfg.vision_chunk_frames), heads)
     for head in (model.speak_head, model.update_head):
         head.to(precision.torch_dtype)
+    if mcfg.qlora:
+        prepare_kbit(hf, mcfg)
     set_trainable(model, mcfg)
     if mcfg.lora:
         add_lora(model, mcfg)
@@ -73,11 +75,9 @@ def enable_checkpointing(hf, reentrant: bool) -> None:
 
 
 def qlora_config(compute_dtype: torch.dtype):
-    if not torch.cuda.is_available():
-        raise ValueError(
-            "model.qlora needs a CUDA GPU: bitsandbytes 4-bit weights do not run on "
-            "the CPU. Use model.lora=true without qlora, or run on a GPU."
-        )
+    """nf4 weights with double quantization for the LM trunk (the QLoRA recipe); the vision
+    tower, connector and lm_head stay in ``compute_dtype``. bitsandbytes runs 4-bit layers on the
+    CPU too (slowly), which is how the tests train it."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -85,7 +85,25 @@ def qlora_config(compute_dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=True,
-        llm_int8_skip_modules=["vision_model", "connector", "lm_head"],
+        # full module paths: transformers 5 matches these from the start of the name (or as a
+        # suffix), so "vision_model" alone matched nothing and the tower was quantized too
+        llm_int8_skip_modules=["model.vision_model", "model.connector", "lm_head"],
+    )
+
+
+def prepare_kbit(hf, mcfg: ModelConfig) -> None:
+    """peft's preparation of a 4-bit model, on the top transformers model: the one that carries
+    ``is_loaded_in_4bit`` (given the text model, peft saw no flag and skipped the preparation).
+    It freezes every parameter (``set_trainable`` then unfreezes what the config trains), keeps
+    norms and other small non-4-bit weights in fp32, and with checkpointing makes the inputs
+    require grad."""
+    from peft import prepare_model_for_kbit_training
+
+    assert getattr(hf, "is_loaded_in_4bit", False), "qlora: the model was not loaded in 4 bits"
+    prepare_model_for_kbit_training(
+        hf,
+        use_gradient_checkpointing=mcfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": mcfg.gradient_checkpointing_reentrant},
     )
 
 
@@ -109,12 +127,6 @@ def add_lora(model: DSTModel, mcfg: ModelConfig) -> None:
     from peft import LoraConfig, get_peft_model
 
     hf = model.backbone.hf
-    if mcfg.qlora:
-        from peft import prepare_model_for_kbit_training
-
-        prepare_model_for_kbit_training(
-            hf.model.text_model, use_gradient_checkpointing=mcfg.gradient_checkpointing
-        )
     config = LoraConfig(
         r=mcfg.lora_r,
         lora_alpha=mcfg.lora_alpha,

@@ -90,11 +90,6 @@ def tiny_head():
     return HeadConfig()
 
 
-def test_qlora_on_cpu_is_a_clear_error(tiny_model_dir):
-    with pytest.raises(ValueError, match="qlora needs a CUDA GPU"):
-        build_model(ModelConfig(arch=str(tiny_model_dir), lora=True, qlora=True), tiny_head(), FP32)
-
-
 def test_gradient_checkpointing_gives_the_same_loss(demo_root, tiny_model_dir):
     _, plain, batch = _setup(demo_root, tiny_model_dir)
     _, ckpt, _ = _setup(
