@@ -38,7 +38,7 @@ def _prober(args):
     from dst_train.config import load_config
     from dst_train.data.collate import make_collate
     from dst_train.engine.trainer import init_distributed, setup
-    from dst_train.tune.autotune import Prober, emulate_target, worst_case_index
+    from dst_train.tune.autotune import Prober, emulate_target, sample_cost, worst_case_index
 
     cfg = load_config(None, json.loads(args.overrides))
     _, _, device = init_distributed(cfg)
@@ -48,7 +48,8 @@ def _prober(args):
     s = setup(probe_cfg)
     ds = s["train_ds"]
     collate = make_collate(s["tokenizer"].pad_token_id, bool(cfg.data.feature_cache))
-    return Prober(s["engine"], ds[worst_case_index(ds)], collate, device), emulated
+    worst = worst_case_index(ds, sample_cost(cfg, s))
+    return Prober(s["engine"], ds[worst], collate, device), emulated
 
 
 def child(args) -> dict:

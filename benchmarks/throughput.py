@@ -87,14 +87,15 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from dst_train.tune.autotune import worst_case_index
+    from dst_train.tune.autotune import sample_cost, worst_case_index
     from dst_train.tune.memory import PeakMemory
 
     cfg, s = _build(args, micro, engine=False)
     ds_config = copy.deepcopy(s["ds_config"])
     model, dataset, collate = s["model"], s["train_ds"], s["collate"]
     if worst_only:
-        dataset.samples = [dataset.samples[worst_case_index(dataset)]] * (micro * steps)
+        worst = worst_case_index(dataset, sample_cost(cfg, s))
+        dataset.samples = [dataset.samples[worst]] * (micro * steps)
     counts = {"tokens": 0, "samples": 0}
 
     def counting_collate(items):
@@ -163,14 +164,14 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
 def probe_ours(args) -> dict:
     """Largest micro-batch of our loop under the cap (the autotuner's search and probe)."""
     from dst_train.data.collate import make_collate
-    from dst_train.tune.autotune import Prober, worst_case_index
+    from dst_train.tune.autotune import Prober, sample_cost, worst_case_index
     from dst_train.tune.search import search
 
     cfg, s = _build(args, 1)
     ds = s["train_ds"]
     prober = Prober(
         s["engine"],
-        ds[worst_case_index(ds)],
+        ds[worst_case_index(ds, sample_cost(cfg, s))],
         make_collate(s["tokenizer"].pad_token_id, bool(cfg.data.feature_cache)),
         s["device"],
     )

@@ -2,9 +2,11 @@
 
 One process per GPU (launch it like training). Every rank builds the real DeepSpeed engine once
 (micro-batch 1, no accumulation) and probes micro-batch sizes on the *worst-case* sample of the
-train split (longest sequence, then most frames) repeated ``b`` times: each probe runs full steps
-(forward, backward, ``optimizer.step()``; two of them, so the optimizer state exists), reads the
-peak (:class:`~dst_train.tune.memory.PeakMemory`), and the ranks agree on the maximum.
+train split (highest estimated bytes: tokens, frames, labelled positions — see
+:mod:`~dst_train.tune.worst_case`; close candidates are measured) repeated ``b`` times:
+each probe runs full steps (forward, backward, ``optimizer.step()``; two of them, so the
+optimizer state exists), reads the peak (:class:`~dst_train.tune.memory.PeakMemory`), and the
+ranks agree on the maximum.
 :func:`~dst_train.tune.search.search` picks the sizes. The engine is reused across probes, which
 is what makes this cheaper than relaunching a job per candidate.
 
@@ -27,15 +29,44 @@ import yaml
 
 from dst_train.config import RunConfig, to_dict
 from dst_train.tune.search import NothingFits, Probe, SearchResult, accumulation_for, search
+from dst_train.tune.worst_case import SampleCost, labelled_positions, worst_case_candidates
 
 GiB = 2**30
 
 
-def worst_case_index(dataset) -> int:
-    """The sample with the longest sequence, ties broken by the number of frames."""
-    lengths = dataset.lengths()
-    frames = [dataset.num_frames(i) for i in range(len(dataset))]
-    return max(range(len(dataset)), key=lambda i: (lengths[i], frames[i]))
+def sample_cost(cfg: RunConfig, s: dict) -> SampleCost:
+    """The byte estimate that ranks samples, for the run ``s`` (trainer.setup's pieces)."""
+    size = s["processor"].max_image_size["longest_edge"]
+    return SampleCost.for_run(cfg, s["model"].backbone.hf.config, size)
+
+
+def worst_case_index(dataset, cost: SampleCost) -> int:
+    """The sample with the highest estimated cost (tokens, frames, labelled positions)."""
+    return worst_case_candidates(dataset, cost, margin=0.0)[0][0]
+
+
+def choose_worst_case(dataset, cost: SampleCost, prober) -> dict:
+    """The sample to probe: the costliest by estimate, or — when several are within 5 % of it —
+    the one whose micro-batch-1 probe peaks highest (measured, not estimated)."""
+    candidates = worst_case_candidates(dataset, cost)
+    measured = {}
+    if len(candidates) > 1:
+        for i, _ in candidates:
+            prober.sample = dataset[i]
+            measured[i] = prober(1).peak_bytes
+    index = max(measured, key=measured.get) if measured else candidates[0][0]
+    prober.sample = dataset[index]
+    return {
+        "index": index,
+        "tokens": dataset.lengths()[index],
+        "frames": dataset.num_frames(index),
+        "labelled": labelled_positions(dataset.samples[index]),
+        "estimated_bytes": dict(candidates)[index],
+        "candidates": [
+            {"index": i, "estimated_bytes": c, "measured_peak_bytes": measured.get(i)}
+            for i, c in candidates
+        ],
+    }
 
 
 class Prober:
@@ -71,7 +102,13 @@ class Prober:
         return Probe(b, int(agreed[0]), time.perf_counter() - t0, oom=bool(agreed[1]))
 
 
-def cache_key(cfg: RunConfig, target_gb: float, fraction: float, world: int) -> str:
+def cache_key(
+    cfg: RunConfig, target_gb: float, fraction: float, world: int, global_batch: int = 0
+) -> str:
+    """Everything the answer depends on: model and loss options (precision, checkpointing,
+    tokens per frame, LoRA, ...), data (sequence length, feature cache), the DeepSpeed template
+    (ZeRO stage, offload), device, ranks, target, fraction, the global batch (it decides the
+    accumulation written to tuned.yaml), library versions."""
     import deepspeed
     import transformers
 
@@ -90,6 +127,7 @@ def cache_key(cfg: RunConfig, target_gb: float, fraction: float, world: int) -> 
         "world": world,
         "target": target_gb,
         "fraction": fraction,
+        "global_batch": global_batch,
         "versions": [torch.__version__, deepspeed.__version__, transformers.__version__],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -154,30 +192,30 @@ def autotune(
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "dst-train" / "autotune")
     rank, world, device = init_distributed(cfg)
     emulated = emulate_target(cfg, target, int(os.environ.get("LOCAL_RANK", 0)))
-    key = cache_key(cfg, target_gb, fraction, world)
+    global_batch = (
+        global_batch
+        or cfg.train.global_batch_size
+        or (cfg.train.micro_batch_size * cfg.grad_accum(world) * world)
+    )
+    key = cache_key(cfg, target_gb, fraction, world, global_batch)
     cached = cache_dir / f"{key}.json"
     if use_cache and cached.is_file():
         report = json.loads(cached.read_text())
         report["from_cache"] = str(cached)
         _write(report, cfg, out, rank)
         return report
-    global_batch = (
-        global_batch
-        or cfg.train.global_batch_size
-        or (cfg.train.micro_batch_size * cfg.grad_accum(world) * world)
-    )
     probe_cfg = copy.deepcopy(cfg)
     probe_cfg.train.micro_batch_size, probe_cfg.train.grad_accum = 1, 1
     probe_cfg.train.global_batch_size = 0
     s = setup(probe_cfg)
     ds = s["train_ds"]
-    worst = worst_case_index(ds)
     prober = Prober(
         s["engine"],
-        ds[worst],
+        None,
         make_collate(s["tokenizer"].pad_token_id, bool(cfg.data.feature_cache)),
         device,
     )
+    worst = choose_worst_case(ds, sample_cost(cfg, s), prober)
     report = {
         "target_gb": target_gb,
         "fraction": fraction,
@@ -186,11 +224,7 @@ def autotune(
         "device": _device_name(device),
         "emulated": emulated,
         "cache_key": key,
-        "worst_case": {
-            "index": worst,
-            "tokens": ds.lengths()[worst],
-            "frames": ds.num_frames(worst),
-        },
+        "worst_case": worst,
         "global_batch": global_batch,
     }
     try:

@@ -1,0 +1,84 @@
+"""Which sample the autotuner probes: ranked by estimated bytes, close ones measured."""
+
+from types import SimpleNamespace
+
+from dst_train.config import load_config
+from dst_train.model.backbone import arch_config
+from dst_train.tune.autotune import cache_key, choose_worst_case, worst_case_index
+from dst_train.tune.search import Probe
+from dst_train.tune.worst_case import SampleCost, worst_case_candidates
+
+ARCH = arch_config("smolvlm2-2.2b")
+SIZE = 384  # SmolVLM2's frame side in pixels
+
+
+class Samples:
+    """A dataset of (tokens, frames, labelled positions) triples."""
+
+    def __init__(self, *shapes):
+        self.shapes = shapes
+        self.samples = [SimpleNamespace(targets=[-100] * (t - n) + [1] * n) for t, _, n in shapes]
+
+    def lengths(self):
+        return [t for t, _, _ in self.shapes]
+
+    def num_frames(self, i):
+        return self.shapes[i][1]
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def __getitem__(self, i):
+        return i
+
+
+# the issue's case: the most tokens (512 / 38 frames) is not the most frames (510 / 60)
+DATA = Samples((512, 38, 20), (510, 60, 20), (100, 10, 5))
+
+
+def _cost(*overrides):
+    cfg = load_config(None, ["model.arch=smolvlm2-2.2b", *overrides])
+    return SampleCost.for_run(cfg, ARCH, SIZE)
+
+
+def test_frames_decide_when_the_tower_runs_online():
+    # pixels of a frame (1.8 MB) outweigh two tokens' activations: 60 frames beat 2 tokens
+    assert worst_case_index(DATA, _cost()) == 1
+    # checkpointing shrinks the per-token share: the frames win by far, one candidate
+    assert worst_case_candidates(DATA, _cost("model.gradient_checkpointing=true")) == [
+        (1, _cost("model.gradient_checkpointing=true").of(510, 60, 20))
+    ]
+
+
+def test_tokens_decide_with_a_feature_cache():
+    assert worst_case_index(DATA, _cost("data.feature_cache=/cache")) == 0
+
+
+def test_labelled_positions_count():
+    # same tokens and frames: the one with more vocabulary-sized logit rows costs more
+    data = Samples((300, 10, 5), (300, 10, 200))
+    assert worst_case_index(data, _cost()) == 1
+
+
+def test_close_candidates_are_measured_and_the_highest_peak_wins():
+    cost = _cost()
+    candidates = worst_case_candidates(DATA, cost)
+    assert [i for i, _ in candidates] == [1, 0]  # within 5 % of each other; sample 2 far below
+
+    class Prober:
+        sample = None
+
+        def __call__(self, b):
+            peak = {0: 9_000, 1: 8_000, 2: 1_000}[self.sample]  # the estimate's runner-up peaks
+            return Probe(b, peak, 0.1)
+
+    prober = Prober()
+    chosen = choose_worst_case(DATA, cost, prober)
+    assert chosen["index"] == 0 and prober.sample == 0
+    assert [c["measured_peak_bytes"] for c in chosen["candidates"]] == [8_000, 9_000]
+
+
+def test_the_cache_key_changes_with_the_global_batch():
+    cfg = load_config(None, ["model.arch=smolvlm2-2.2b"])
+    assert cache_key(cfg, 24, 0.9, 2, 8) != cache_key(cfg, 24, 0.9, 2, 16)
+    assert cache_key(cfg, 24, 0.9, 2, 8) == cache_key(cfg, 24, 0.9, 2, 8)
