@@ -60,14 +60,13 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
         # The CPU shared-memory all-reduce op is compiled on first use (~45 s); gloo alone is
         # enough for the CPU demo and tests. DeepSpeed looks the builder up here at init.
         ds_torch_comm.build_shm_op = lambda: None
-    for key, value in (
-        ("RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("LOCAL_RANK", "0"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29511"),
-    ):
-        os.environ.setdefault(key, value)  # plain `python` = a world of one (no mpi4py lookup)
+    if "WORLD_SIZE" not in os.environ:  # plain `python`: a world of one (no mpi4py lookup)
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        # a port nobody uses: a fixed one made two single-process jobs on one machine (a tune
+        # beside a plain-python run, two test suites) fail with "address already in use"
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ["WORLD_SIZE"] = "1"
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -75,6 +74,14 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def setup(cfg: RunConfig):

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -240,3 +243,29 @@ def test_config_files_that_are_not_utf8_or_not_yaml_are_error_lines(tmp_path, ca
         assert main(["train", "--config", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {path}: ") and message in err, err
+
+
+def test_a_single_process_run_does_not_need_a_fixed_port(tmp_path):
+    # two plain-python jobs on one machine (a tune beside a run, two test suites) used to
+    # collide on one fixed port: hold the old port and start a world of one anyway
+    import socket
+
+    script = (
+        "from dst_train.config import load_config\n"
+        "from dst_train.engine.trainer import init_distributed\n"
+        "print('RESULT', init_distributed(load_config(None, []))[:2])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK")}
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 29511))
+        held.listen()
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT (0, 1)" in proc.stdout
