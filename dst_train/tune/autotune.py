@@ -70,11 +70,21 @@ def choose_worst_case(dataset, cost: SampleCost, prober) -> dict:
 
 
 class Prober:
-    """``prober(b)`` → :class:`Probe` for micro-batch ``b`` (max over ranks)."""
+    """``prober(b)`` → :class:`Probe` for micro-batch ``b`` (max over ranks).
 
-    def __init__(self, engine, sample, collate, device, steps: int = 2):
+    A probe measures a state equal to steady training: it starts from released memory (the
+    previous probe's tensors dropped, the allocator's cache emptied, the peak reset — see
+    :class:`~dst_train.tune.memory.PeakMemory`) and runs full steps until at least ``steps``
+    have run *and* the last one ran with the optimizer state present (after a real step). With
+    fp16, DeepSpeed skips steps whose gradients overflow (the first ones, at loss scale 2^16) and
+    creates the Adam state only at the first real step: a probe of skipped steps misses 12 bytes
+    per trainable parameter."""
+
+    def __init__(
+        self, engine, sample, collate, device, steps: int = 2, max_steps: int = 24, cuda=None
+    ):
         self.engine, self.sample, self.collate = engine, sample, collate
-        self.device, self.steps = device, steps
+        self.device, self.steps, self.max_steps, self.cuda = device, steps, max_steps, cuda
 
     def __call__(self, b: int) -> Probe:
         from dst_train.engine.trainer import to_device
@@ -83,23 +93,30 @@ class Prober:
         batch = to_device(self.collate([self.sample] * b), self.device)
         oom = False
         t0 = time.perf_counter()
-        with PeakMemory(self.device) as mem:
+        real_steps = 0
+        with PeakMemory(self.device, cuda=self.cuda) as mem:
             try:
-                for _ in range(self.steps):
+                for n in range(1, self.max_steps + 1):
+                    state_existed = real_steps > 0  # this step's forward/backward ran with it
+                    skipped = self.engine.skipped_steps
                     out = self.engine(**batch)
                     self.engine.backward(out["loss"])
                     self.engine.step()
                     del out
+                    real_steps += self.engine.skipped_steps == skipped
+                    if n >= self.steps and state_existed:
+                        break
             except torch.OutOfMemoryError:
                 oom = True
         del batch
         if oom:
             self.engine.zero_grad()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
         agreed = torch.tensor([float(mem.peak_bytes), float(oom)], device=self.device)
-        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-        return Probe(b, int(agreed[0]), time.perf_counter() - t0, oom=bool(agreed[1]))
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        return Probe(
+            b, int(agreed[0]), time.perf_counter() - t0, oom=bool(agreed[1]), real_steps=real_steps
+        )
 
 
 def cache_key(

@@ -29,18 +29,28 @@ def nvml_process_bytes(device_index: int) -> int | None:
 class PeakMemory:
     """``with PeakMemory(device) as m: ...`` then ``m.peak_bytes`` (and the parts in
     ``m.detail``). GPU: ``max_memory_reserved`` + (NVML process usage − reserved now), so the
-    context and communication buffers count. CPU: peak RSS sampled every ``interval`` s."""
+    context and communication buffers count. CPU: peak RSS sampled every ``interval`` s.
 
-    def __init__(self, device: torch.device, interval: float = 0.002):
+    On entry the caching allocator's free blocks are released before the peak is reset:
+    ``reset_peak_memory_stats`` restarts the peak at the current *reservation*, so without the
+    release a block cached by earlier work (a bigger probe) would read as this block's peak.
+    ``cuda`` is the memory API (``torch.cuda``; tests pass a simulated caching allocator)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.002, cuda=None):
         self.device = device
         self.interval = interval
+        self.cuda = cuda if cuda is not None else (torch.cuda if device.type == "cuda" else None)
         self.peak_bytes = 0
         self.detail: dict = {}
 
     def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.cuda is not None:
+            import gc
+
+            gc.collect()  # tensors of earlier work that only a cycle still holds
+            self.cuda.synchronize(self.device)
+            self.cuda.empty_cache()
+            self.cuda.reset_peak_memory_stats(self.device)
         else:
             import psutil
 
@@ -57,14 +67,15 @@ class PeakMemory:
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            reserved_peak = torch.cuda.max_memory_reserved(self.device)
-            nvml = nvml_process_bytes(self.device.index or 0)
-            outside = max(0, nvml - torch.cuda.memory_reserved(self.device)) if nvml else 0
+        if self.cuda is not None:
+            cuda = self.cuda
+            cuda.synchronize(self.device)
+            reserved_peak = cuda.max_memory_reserved(self.device)
+            nvml = nvml_process_bytes(self.device.index or 0) if cuda is torch.cuda else None
+            outside = max(0, nvml - cuda.memory_reserved(self.device)) if nvml else 0
             self.peak_bytes = reserved_peak + outside
             self.detail = {
-                "allocated_peak": torch.cuda.max_memory_allocated(self.device),
+                "allocated_peak": cuda.max_memory_allocated(self.device),
                 "reserved_peak": reserved_peak,
                 "nvml_process": nvml,
                 "outside_allocator": outside,

@@ -28,6 +28,7 @@ class Probe:
     seconds: float
     oom: bool = False
     predicted_bytes: int | None = None  # what the line predicted before this probe
+    real_steps: int | None = None  # optimizer steps that were not skipped (fp16 overflow)
 
     def fits(self, limit: int) -> bool:
         return not self.oom and self.peak_bytes <= limit

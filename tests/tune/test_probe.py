@@ -1,0 +1,116 @@
+"""The probe measures steady training: released memory before it, a real optimizer step in it.
+
+A simulated CUDA caching allocator (reservations persist until ``empty_cache``; the peak restarts
+at the current reservation) and a stand-in engine (weights stay allocated; activations of b samples
+live from forward to backward; the optimizer state appears at the first step that is not skipped)
+drive the real :class:`Prober` and the real searches.
+"""
+
+import pytest
+import torch
+
+from dst_train.tune.autotune import Prober
+from dst_train.tune.search import doubling_search, search
+
+GiB = 2**30
+CPU = torch.device("cpu")
+
+
+class CachingAllocator:
+    """The part of ``torch.cuda`` the probe uses, with the caching allocator's behaviour."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.allocated, self.reserved = capacity, 0, 0
+        self.peak_reserved = self.peak_allocated = 0
+
+    def malloc(self, n: int) -> None:
+        if self.allocated + n > self.capacity:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        self.allocated += n
+        self.reserved = max(self.reserved, self.allocated)  # freed blocks stay cached
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+
+    def free(self, n: int) -> None:
+        self.allocated -= n
+
+    def synchronize(self, device=None):
+        pass
+
+    def empty_cache(self):
+        self.reserved = self.allocated
+
+    def reset_peak_memory_stats(self, device=None):
+        self.peak_reserved, self.peak_allocated = self.reserved, self.allocated
+
+    def max_memory_reserved(self, device=None):
+        return self.peak_reserved
+
+    def memory_reserved(self, device=None):
+        return self.reserved
+
+    def max_memory_allocated(self, device=None):
+        return self.peak_allocated
+
+
+class Engine:
+    """Weights 2 GiB; 1 GiB of activations per sample; Adam state 3 GiB from the first real
+    step; the first ``overflows`` steps overflow (fp16) and are skipped."""
+
+    def __init__(self, cuda: CachingAllocator, overflows: int = 0):
+        self.cuda, self.overflows = cuda, overflows
+        self.skipped_steps = self.steps = 0
+        self.adam = False
+        self.activations = 0
+        cuda.malloc(2 * GiB)
+
+    def __call__(self, input_ids):
+        self.activations = input_ids.shape[0] * GiB
+        self.cuda.malloc(self.activations)
+        return {"loss": None}
+
+    def backward(self, loss):
+        self.cuda.free(self.activations)
+
+    def step(self):
+        self.steps += 1
+        if self.steps <= self.overflows:
+            self.skipped_steps += 1
+        elif not self.adam:
+            self.cuda.malloc(3 * GiB)
+            self.adam = True
+
+    def zero_grad(self):
+        pass
+
+
+def _prober(cuda, engine):
+    return Prober(
+        engine, 0, lambda items: {"input_ids": torch.zeros(len(items), 1)}, CPU, cuda=cuda
+    )
+
+
+@pytest.mark.parametrize("strategy", [search, doubling_search], ids=["ours", "doubling baseline"])
+def test_a_big_probe_does_not_inflate_the_smaller_ones_after_it(strategy):
+    # capacity 24 GiB, limit 0.9 x 24: weights 2 + Adam 3 + b x 1 <= 21.6 -> b = 16 is the best
+    cuda = CachingAllocator(24 * GiB)
+    prober = _prober(cuda, Engine(cuda))
+    big = prober(18)  # 23 GiB: over the limit, and its blocks stay cached ...
+    assert not big.fits(int(21.6 * GiB))
+    assert prober(4).peak_bytes == 9 * GiB  # ... yet the next, smaller probe reads its own peak
+    result = strategy(prober, int(21.6 * GiB), max_micro=64)
+    assert result.micro_batch == 16
+
+
+def test_the_probe_waits_for_a_real_optimizer_step():
+    # fp16 at loss scale 2^16 with hysteresis: the first steps overflow and are skipped, and the
+    # optimizer state does not exist yet; two steps would read 2 + b GiB
+    cuda = CachingAllocator(64 * GiB)
+    engine = Engine(cuda, overflows=3)
+    probe = _prober(cuda, engine)(4)
+    # stepped until one was real, then once more with the state: weights + Adam + activations
+    assert engine.steps == 5 and engine.skipped_steps == 3
+    assert probe.real_steps == 2 and probe.peak_bytes == (2 + 3 + 4) * GiB
+    # without overflow: the usual two steps
+    engine = Engine(cuda := CachingAllocator(64 * GiB))
+    assert _prober(cuda, engine)(4).peak_bytes == 9 * GiB and engine.steps == 2
