@@ -279,7 +279,9 @@ def batches_forever(loader, sampler, epoch: int, skip: int):
 def fit(cfg: RunConfig) -> dict:
     """Train as configured; returns the final metrics (rank 0 also writes them to disk)."""
     s = setup(cfg)
-    rank, world, engine, device = s["rank"], s["world"], s["engine"], s["device"]
+    # the engine leaves `s`: when the OOM safety net rebuilds it, nothing may keep the old one
+    # (and its optimizer state) alive
+    rank, world, engine, device = s["rank"], s["world"], s.pop("engine"), s["device"]
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     if rank == 0:
@@ -494,7 +496,17 @@ class MicroBatchRunner:
         tag = "state"
         self.engine.save_checkpoint(str(self.scratch), tag=tag, save_latest=False)
         module = self.engine.module
-        self.engine.destroy()  # removes its gradient hooks from the parameters
+        self.engine.destroy()  # removes its gradient hooks from the parameters ...
+        # ... but not its forward hooks on the module, which would keep the old engine (and its
+        # optimizer state) alive and run on every forward of the new one
+        for name in (
+            "module_forward_pre_hook",
+            "module_forward_post_hook",
+            "first_dataloader_check",
+        ):
+            handle = getattr(self.engine, name, None)
+            if handle is not None:
+                handle.remove()
         self.engine = None
         for p in module.parameters():  # what a backward cut short left on them
             p.grad = None

@@ -12,8 +12,10 @@ every micro-batch has one sample, so nothing raises again. Run with plain `pytho
 process) or torchrun. Rank 0 saves each run's final trainable weights to OUT/<spec>/final.pt;
 each rank prints one ``RESULT {json}`` line per run."""
 
+import gc
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -60,11 +62,13 @@ def middle_layer_hook(module, inputs, output):
 
 DSTModel.forward = forward_with_an_oom
 real_make_engine = trainer.make_engine
-engines = []
+engines = []  # weak references: the replaced engine must be freed, with its optimizer state
+current = {}
 
 
 def make_engine_and_watch(s, cfg, micro, grad_accum):
     engine = real_make_engine(s, cfg, micro, grad_accum)
+    current["engine"] = engine
     if not engines:
         layers = s["model"].backbone.hf.model.text_model.layers
         layers[len(layers) // 2].register_forward_hook(middle_layer_hook)
@@ -77,7 +81,7 @@ def make_engine_and_watch(s, cfg, micro, grad_accum):
         return real_step(*a, **kw)
 
     engine.step = step_with_an_oom
-    engines.append(engine)
+    engines.append(weakref.ref(engine))
     return engine
 
 
@@ -106,7 +110,8 @@ for spec in specs:
         ],
     )
     trainer.fit(cfg)
-    engine = engines[-1]
+    engine = current.pop("engine")
+    gc.collect()
     rank = torch.distributed.get_rank()
     if rank == 0:
         trained = engine.module.named_parameters()
@@ -121,6 +126,7 @@ for spec in specs:
                 "rank": rank,
                 "oom_calls": calls["oom"],
                 "engines_built": len(engines),
+                "engines_alive": sum(ref() is not None for ref in engines),
                 "micro_batches": [r["micro_batch"] for r in rows if r["kind"] == "train"],
                 "train_batch_size": engine.train_batch_size(),
                 "accumulation": engine.gradient_accumulation_steps(),

@@ -59,6 +59,7 @@ def test_an_oom_later_in_a_window_or_in_backward_replays_as_a_clean_step(
     assert proc.stdout.count(HALVED + "; replaying step 2") == 3
     for r in found:
         assert r["oom_calls"] == 1 and r["engines_built"] == 2
+        assert r["engines_alive"] == 1  # the replaced engine was freed (its optimizer state too)
         assert r["micro_batches"] == [2, 1, 1] and r["global_steps"] == 3
         assert (r["micro_batch_size"], r["accumulation"], r["train_batch_size"]) == (1, 4, 4)
     for spec in specs[1:]:
