@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,9 @@ DEMO_YAML = REPO / "launch" / "configs" / "demo.yaml"
 
 
 def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+    from dst_train.engine.trainer import free_port as trainer_free_port
+
+    return str(trainer_free_port())
 
 
 def base_overrides(demo_root, tiny_model_dir, out) -> list[str]:

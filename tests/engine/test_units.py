@@ -178,29 +178,19 @@ print(json.dumps(sorted(n for n, p in model.named_parameters() if id(p) in decay
 
 def test_zero3_decays_the_same_parameters_as_zero2(demo_root, tiny_model_dir, tmp_path):
     # under ZeRO-3 every parameter is a 1-D partition: choosing by p.ndim decayed none
-    import subprocess
-    import sys
 
     from dst_train.engine.trainer import param_groups
     from dst_train.model.build import Precision, build_model
     from tests.conftest import tiny_run_config
-    from tests.engine.helpers import REPO, free_port
+    from tests.engine.helpers import free_port
 
     args = [f"data.root={demo_root}", f"model.arch={tiny_model_dir}", f"output_dir={tmp_path}"]
     cfg = tiny_run_config(demo_root, tiny_model_dir)
     model = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa"))
     decayed = {id(p) for p in param_groups(model, 0.1)[0]["params"]}
     zero2 = sorted(n for n, p in model.named_parameters() if id(p) in decayed)
-    env = {**__import__("os").environ, "MASTER_PORT": free_port()}
-    proc = subprocess.run(
-        [sys.executable, "-c", ZERO3_DECAY_SCRIPT, *args, "train.ds_config=ds_configs/zero3.json"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**os.environ, "MASTER_PORT": free_port()}
+    proc = _python(ZERO3_DECAY_SCRIPT, env, *args, "train.ds_config=ds_configs/zero3.json")
     zero3 = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(zero2) > 5 and zero3 == zero2
 
@@ -259,13 +249,19 @@ def test_a_single_process_run_does_not_need_a_fixed_port(tmp_path):
     with socket.socket() as held:
         held.bind(("127.0.0.1", 29511))
         held.listen()
-        proc = subprocess.run(
-            [sys.executable, "-c", script],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = _python(script, env)
     assert "RESULT (0, 1)" in proc.stdout
+
+
+def _python(script: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``python -c script args`` in the repository; asserts it exits 0."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
