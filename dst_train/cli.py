@@ -73,16 +73,24 @@ def _validate_data(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from dst_train.model.tiny import demo_corpus, make_tiny_model
+    from dst_train.model.tiny import demo_corpus, make_arch_folder, make_tiny_model
 
     try:
-        path = make_tiny_model(
-            args.out, demo_corpus(args.data), seed=args.seed, hidden=args.hidden, layers=args.layers
-        )
+        if args.arch:
+            path = make_arch_folder(args.out, demo_corpus(args.data), args.arch)
+        else:
+            path = make_tiny_model(
+                args.out,
+                demo_corpus(args.data),
+                seed=args.seed,
+                hidden=args.hidden,
+                layers=args.layers,
+            )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote tiny SmolVLM model folder {path}")
+    what = f"{args.arch} (no weights: model.pretrained=false)" if args.arch else "tiny SmolVLM"
+    print(f"wrote {what} model folder {path}")
     return 0
 
 
@@ -176,6 +184,7 @@ def _autotune(args: argparse.Namespace) -> int:
             max_micro=args.max_micro,
             use_cache=not args.no_cache,
             global_batch=args.global_batch,
+            turing=args.emulate_turing,
         )
     except SystemExit as e:  # nothing fits: the message says what to change
         print(f"autotune: {e}", file=sys.stderr)
@@ -325,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--hidden", type=int, default=64, help="LM hidden size, a multiple of 32 (heads of 16 dims)"
     )
     p.add_argument("--layers", type=int, default=2, help="LM layers")
+    p.add_argument(
+        "--arch",
+        help="instead: a named architecture (smolvlm2-2.2b, ...) with a tokenizer of its "
+        "vocabulary size and no weights, for offline memory and speed work "
+        "(train with model.pretrained=false)",
+    )
     p.set_defaults(func=_make_tiny_model)
 
     p = sub.add_parser("model-info", help="parameter counts and model-state memory (meta device)")
@@ -363,7 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("autotune", help="largest micro-batch under fraction × target GPU memory")
     p.add_argument("--config", required=True, help="run config YAML")
-    p.add_argument("--target-gb", type=float, default=24.0, help="GPU memory to plan for (GB)")
+    p.add_argument(
+        "--target-gb",
+        type=float,
+        default=24.0,
+        help="total memory of the card to plan for (GiB); the CUDA context is taken off it",
+    )
+    p.add_argument(
+        "--emulate-turing",
+        action="store_true",
+        help="probe with a Turing card's kernels (fp16 + SDPA: Titan RTX, RTX 20xx, T4); "
+        "tuned.yaml then says fp16 + SDPA",
+    )
     p.add_argument("--fraction", type=float, default=0.9, help="share of it to fill")
     p.add_argument("--out", help="report folder (default OUTPUT_DIR/autotune)")
     p.add_argument("--max-micro", type=int, default=256, help="largest micro-batch to consider")

@@ -59,8 +59,9 @@ def tiny_config(
     )
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB):
-    """Byte-level BPE (any text encodes, no unknown token) with SmolVLM's special tokens."""
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB, pad_to: int = 0):
+    """Byte-level BPE (any text encodes, no unknown token) with SmolVLM's special tokens; with
+    ``pad_to``, filler tokens make the vocabulary exactly that size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,6 +78,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB):
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
+    if pad_to:
+        tok = _pad_vocabulary(tok, pad_to)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=chat.pad,
@@ -84,6 +87,45 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = TINY_VOCAB):
         eos_token=chat.end,
         additional_special_tokens=[chat.image],
     )
+
+
+def _pad_vocabulary(tok, vocab_size: int):
+    """``tok`` (a ``tokenizers.Tokenizer``) with filler tokens, never produced by encoding, up to
+    ``vocab_size`` ids: embedding and LM-head shapes then equal a real model's."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens > {vocab_size} wanted")
+    raw = json.loads(tok.to_str())
+    vocab = raw["model"]["vocab"]
+    used = set(vocab.values()) | {t["id"] for t in raw["added_tokens"]}
+    vocab.update({f"<|filler_{i}|>": i for i in range(vocab_size) if i not in used})
+    return Tokenizer.from_str(json.dumps(raw))
+
+
+def make_arch_folder(out: str | Path, corpus: Iterable[str], arch: str) -> Path:
+    """A model folder of a named architecture (e.g. ``smolvlm2-2.2b``) that needs no hub: its
+    config, a locally trained tokenizer padded to the real vocabulary size, and the image
+    processor at the real image size — no weights (train with ``model.pretrained=false``)."""
+    from dst_train.model.backbone import ARCHS, arch_config
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHS))}")
+    config = arch_config(arch)
+    chat = ChatFormat()
+    tokenizer = train_tokenizer(corpus, pad_to=config.text_config.vocab_size)
+    config.image_token_id = tokenizer.convert_tokens_to_ids(chat.image)
+    ids = tokenizer.convert_tokens_to_ids([chat.pad, chat.bos, chat.end])
+    t = config.text_config
+    t.pad_token_id, t.bos_token_id, t.eos_token_id = ids
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    image_processor(config.vision_config.image_size).save_pretrained(out)
+    return out
 
 
 def image_processor(size: int = TINY_IMAGE_SIZE):
