@@ -11,8 +11,8 @@ ranks agree on the maximum.
 is what makes this cheaper than relaunching a job per candidate.
 
 On a GPU bigger than the target, the target card is emulated: PyTorch's allocator is capped at
-the target share of the device and the dtype/attention are forced to fp16 + SDPA (a Turing
-card's kernels). Results are cached by everything that changes the answer.
+what the target leaves it (its total memory less the CUDA context); ``turing=True`` also forces
+fp16 + SDPA (a Turing card's kernels). Results are cached by everything that changes the answer.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from dst_train.config import RunConfig, to_dict
+from dst_train.tune.memory import nvml_process_bytes, outside_allocator
 from dst_train.tune.search import NothingFits, Probe, SearchResult, accumulation_for, search
 from dst_train.tune.worst_case import SampleCost, labelled_positions, worst_case_candidates
 
@@ -96,7 +97,7 @@ class Prober:
         real_steps = 0
         with PeakMemory(self.device, cuda=self.cuda) as mem:
             try:
-                for n in range(1, self.max_steps + 1):
+                for n in range(1, max(self.steps, self.max_steps) + 1):
                     state_existed = real_steps > 0  # this step's forward/backward ran with it
                     skipped = self.engine.skipped_steps
                     out = self.engine(**batch)
@@ -120,12 +121,18 @@ class Prober:
 
 
 def cache_key(
-    cfg: RunConfig, target_gb: float, fraction: float, world: int, global_batch: int = 0
+    cfg: RunConfig,
+    target_gb: float,
+    fraction: float,
+    world: int,
+    global_batch: int = 0,
+    emulated: dict | None = None,
 ) -> str:
     """Everything the answer depends on: model and loss options (precision, checkpointing,
-    tokens per frame, LoRA, ...), data (sequence length, feature cache), the DeepSpeed template
-    (ZeRO stage, offload), device, ranks, target, fraction, the global batch (it decides the
-    accumulation written to tuned.yaml), library versions."""
+    tokens per frame, LoRA, ...), every data option (sequence length, frames per sample, feature
+    cache, ...), the DeepSpeed template (ZeRO stage, offload), device, ranks, target, fraction,
+    the global batch (it decides the accumulation written to tuned.yaml), whether a Turing card
+    is emulated (fp16 + SDPA), library versions."""
     import deepspeed
     import transformers
 
@@ -138,30 +145,53 @@ def cache_key(
     parts = {
         "model": asdict(cfg.model),
         "loss": asdict(cfg.loss),
-        "data": [cfg.data.root, cfg.data.max_seq_len, cfg.data.feature_cache],
+        "data": asdict(cfg.data),  # sequence length, frames per sample, feature cache, ...
         "ds": resolve_template_path(cfg.train.ds_config).read_text(),
         "device": device,
         "world": world,
         "target": target_gb,
         "fraction": fraction,
         "global_batch": global_batch,
+        "turing": bool(emulated and "dtype" in emulated),
         "versions": [torch.__version__, deepspeed.__version__, transformers.__version__],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def emulate_target(cfg: RunConfig, target_bytes: int, local_rank: int) -> dict | None:
-    """Cap the allocator at the target card's size and force its kernels (fp16 + SDPA) when the
-    GPU is bigger than the target. Returns what was done, or None (CPU or a small GPU)."""
-    if not torch.cuda.is_available():
+def measure_context(local_rank: int, cuda=torch.cuda) -> tuple[int, str]:
+    """(bytes this process holds on the GPU outside the allocator, "nvml" | "default")."""
+    cuda.init()
+    nvml = nvml_process_bytes(local_rank) if cuda is torch.cuda else None
+    return outside_allocator(nvml, cuda.memory_reserved(local_rank))
+
+
+def emulate_target(
+    target_bytes: int, local_rank: int, turing: bool = False, cuda=torch.cuda, context=None
+) -> dict | None:
+    """Make this GPU behave like a ``target_bytes`` card (its total memory). The allocator may
+    take what such a card leaves after the CUDA context: ``target − context`` (the context is
+    measured here by NVML, else :data:`DEFAULT_CONTEXT_BYTES`; ``context`` = (bytes, source)
+    overrides). Capped only when this GPU is bigger. ``turing``: the target runs fp16 + SDPA
+    (no bf16, no FlashAttention-2) — :func:`apply_emulation` forces them on the probe config.
+    Returns what was done (None on CPU). ``cuda``: the memory API (tests pass a double)."""
+    if not cuda.is_available():
         return None
-    total = torch.cuda.get_device_properties(local_rank).total_memory
-    if total <= target_bytes:
-        return None
-    share = target_bytes / total
-    torch.cuda.set_per_process_memory_fraction(share, local_rank)
-    cfg.model.dtype, cfg.model.attention = "fp16", "sdpa"
-    return {"device_bytes": total, "allocator_share": share, "dtype": "fp16", "attention": "sdpa"}
+    total = cuda.get_device_properties(local_rank).total_memory
+    context_bytes, source = context or measure_context(local_rank, cuda)
+    done = {"device_bytes": total, "context_bytes": context_bytes, "context_source": source}
+    if total > target_bytes:
+        share = (target_bytes - context_bytes) / total
+        cuda.set_per_process_memory_fraction(share, local_rank)
+        done["allocator_share"] = share
+    if turing:
+        done.update(dtype="fp16", attention="sdpa")
+    return done
+
+
+def apply_emulation(cfg: RunConfig, emulated: dict | None) -> None:
+    """The emulated card's kernels on ``cfg`` (a probe's config; never the tuned one)."""
+    if emulated and "dtype" in emulated:
+        cfg.model.dtype, cfg.model.attention = emulated["dtype"], emulated["attention"]
 
 
 def refusal(cfg: RunConfig, world: int, limit: int, result: SearchResult) -> str:
@@ -194,9 +224,11 @@ def autotune(
     use_cache: bool = True,
     cache_dir: str | Path | None = None,
     global_batch: int = 0,
+    turing: bool = False,
 ) -> dict:
-    """Run the search; rank 0 writes ``OUT/{autotune.json, autotune.md, tuned.yaml,
-    ds_config.json}`` (the last two when something fits). Returns the report (every rank)."""
+    """Run the search (``turing``: probe with a Turing card's fp16 + SDPA); rank 0 writes
+    ``OUT/{autotune.json, autotune.md, tuned.yaml, ds_config.json}`` (the last two when
+    something fits). Returns the report (every rank)."""
     import os
 
     from dst_train.data.collate import make_collate
@@ -208,13 +240,13 @@ def autotune(
     out = Path(out or Path(cfg.output_dir) / "autotune")
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "dst-train" / "autotune")
     rank, world, device = init_distributed(cfg)
-    emulated = emulate_target(cfg, target, int(os.environ.get("LOCAL_RANK", 0)))
+    emulated = emulate_target(target, int(os.environ.get("LOCAL_RANK", 0)), turing)
     global_batch = (
         global_batch
         or cfg.train.global_batch_size
         or (cfg.train.micro_batch_size * cfg.grad_accum(world) * world)
     )
-    key = cache_key(cfg, target_gb, fraction, world, global_batch)
+    key = cache_key(cfg, target_gb, fraction, world, global_batch, emulated)
     cached = cache_dir / f"{key}.json"
     if use_cache and cached.is_file():
         report = json.loads(cached.read_text())
@@ -222,6 +254,7 @@ def autotune(
         _write(report, cfg, out, rank)
         return report
     probe_cfg = copy.deepcopy(cfg)
+    apply_emulation(probe_cfg, emulated)
     probe_cfg.train.micro_batch_size, probe_cfg.train.grad_accum = 1, 1
     probe_cfg.train.global_batch_size = 0
     s = setup(probe_cfg)
@@ -278,7 +311,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def tuned_config(cfg: RunConfig, report: dict) -> RunConfig:
+    """The run config at the tuned sizes. Precision stays the run's own (``auto`` resolves on
+    the target itself) unless a Turing card was emulated: then fp16 + SDPA, all it runs."""
     tuned = copy.deepcopy(cfg)
+    apply_emulation(tuned, report.get("emulated"))
     tuned.train.micro_batch_size = report["micro_batch"]
     tuned.train.grad_accum = report["grad_accum"]
     tuned.train.global_batch_size = report["global_batch"]

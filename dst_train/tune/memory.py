@@ -9,6 +9,19 @@ import time
 
 import torch
 
+# CUDA context (driver, kernels, cuBLAS workspace) a process holds outside PyTorch's allocator,
+# used when NVML cannot say (no NVML, or a container hiding the process list). Order of size
+# of a torch 2.x process on a recent driver; the measured value is used whenever there is one.
+DEFAULT_CONTEXT_BYTES = 2**29
+
+
+def outside_allocator(nvml: int | None, reserved_now: int) -> tuple[int, str]:
+    """(bytes the process holds on the GPU beyond the allocator's reservation, source): NVML's
+    count less the reservation, or :data:`DEFAULT_CONTEXT_BYTES` when NVML has none."""
+    if nvml:
+        return max(0, nvml - reserved_now), "nvml"
+    return DEFAULT_CONTEXT_BYTES, "default"
+
 
 def nvml_process_bytes(device_index: int) -> int | None:
     """GPU memory NVML attributes to this process (None when NVML or the process entry is
@@ -71,14 +84,16 @@ class PeakMemory:
             cuda = self.cuda
             cuda.synchronize(self.device)
             reserved_peak = cuda.max_memory_reserved(self.device)
-            nvml = nvml_process_bytes(self.device.index or 0) if cuda is torch.cuda else None
-            outside = max(0, nvml - cuda.memory_reserved(self.device)) if nvml else 0
+            outside, source = 0, "none"  # a simulated allocator (tests) has no context
+            if cuda is torch.cuda:
+                nvml = nvml_process_bytes(self.device.index or 0)
+                outside, source = outside_allocator(nvml, cuda.memory_reserved(self.device))
             self.peak_bytes = reserved_peak + outside
             self.detail = {
                 "allocated_peak": cuda.max_memory_allocated(self.device),
                 "reserved_peak": reserved_peak,
-                "nvml_process": nvml,
                 "outside_allocator": outside,
+                "outside_source": source,
             }
         else:
             self._stop.set()

@@ -49,6 +49,29 @@ def test_autotune_writes_a_tuned_config_that_keeps_the_global_batch(
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 1
     report = (tmp_path / "at/autotune.md").read_text()
     assert "| 1 |" in report and "| 2 |" in report and "| 8 |" in report
+    measured = json.loads((tmp_path / "at/autotune.json").read_text())
+    assert measured["limit_bytes"] == int(0.9 * 64 * 2**30)  # --fraction (default) × target
+    assert measured["peak_bytes"] <= measured["limit_bytes"]
+
+
+def test_the_fraction_decides_the_answer(demo_root, tiny_model_dir, tmp_path):
+    # the same 64 GB card that fits 8 above: a fraction so small that not even 1 fits
+    proc = _autotune(
+        demo_root,
+        tiny_model_dir,
+        tmp_path,
+        "--target-gb",
+        "64",
+        "--fraction",
+        "0.001",
+        "--no-cache",
+        "--max-micro",
+        "8",
+    )
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "micro-batch 1 does not fit" in proc.stderr
+    measured = json.loads((tmp_path / "at/autotune.json").read_text())
+    assert measured["limit_bytes"] == int(0.001 * 64 * 2**30)
 
 
 def test_autotune_refuses_clearly_when_nothing_fits(demo_root, tiny_model_dir, tmp_path):

@@ -114,3 +114,50 @@ def test_the_probe_waits_for_a_real_optimizer_step():
     # without overflow: the usual two steps
     engine = Engine(cuda := CachingAllocator(64 * GiB))
     assert _prober(cuda, engine)(4).peak_bytes == 9 * GiB and engine.steps == 2
+
+
+def test_a_long_probe_runs_every_step_asked_for():
+    # the GPU bench's check after tuning: `steps` above the overflow wait's cap (24) still all run
+    cuda = CachingAllocator(64 * GiB)
+    engine = Engine(cuda)
+    prober = _prober(cuda, engine)
+    prober.steps = 40
+    assert prober(2).real_steps == 40 and engine.steps == 40
+
+
+class Overflowing:
+    """A real DeepSpeed engine whose first ``k`` losses are inf: DeepSpeed's own overflow check
+    then skips those steps (as fp16 at loss scale 2^16 does), and creates no Adam state."""
+
+    def __init__(self, engine, k: int):
+        self.engine, self.k, self.calls = engine, k, 0
+
+    def __call__(self, **batch):
+        out = self.engine(**batch)
+        self.calls += 1
+        if self.calls <= self.k:
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+def test_on_a_real_deepspeed_engine_the_probe_waits_for_the_optimizer_state(
+    demo_root, tiny_model_dir, tmp_path
+):
+    from dst_train.data.collate import make_collate
+    from dst_train.engine.trainer import setup
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(
+        demo_root, tiny_model_dir, f"output_dir={tmp_path}", "train.tensorboard=false"
+    )
+    s = setup(cfg)
+    engine = Overflowing(s["engine"], k=3)
+    collate = make_collate(s["tokenizer"].pad_token_id, False)
+    probe = Prober(engine, s["train_ds"][0], collate, CPU)(2)
+    adam = s["engine"].optimizer.optimizer.state
+    assert s["engine"].skipped_steps == 3  # DeepSpeed skipped the overflowing steps ...
+    assert adam and probe.real_steps == 2  # ... and the probe went on until state existed
+    assert engine.calls == 5  # 3 skipped, the first real one, one more with the state

@@ -1,0 +1,105 @@
+"""Emulating the target card: the allocator gets what the card leaves after the CUDA context,
+Turing kernels only when asked, the tuned config keeps the precision the target runs, and the
+cache key holds everything that changes memory."""
+
+from types import SimpleNamespace
+
+from dst_train.config import load_config
+from dst_train.tune.autotune import (
+    apply_emulation,
+    cache_key,
+    emulate_target,
+    measure_context,
+    tuned_config,
+)
+from dst_train.tune.memory import DEFAULT_CONTEXT_BYTES, outside_allocator
+
+GiB = 2**30
+
+
+class FakeCuda:
+    """The part of ``torch.cuda`` emulation uses: a card of ``total`` bytes."""
+
+    def __init__(self, total: int):
+        self.total, self.share = total, None
+
+    def is_available(self):
+        return True
+
+    def init(self):
+        pass
+
+    def get_device_properties(self, i):
+        return SimpleNamespace(total_memory=self.total)
+
+    def set_per_process_memory_fraction(self, share, i):
+        self.share = share
+
+    def memory_reserved(self, i):
+        return 0
+
+
+def test_the_allocator_gets_the_card_less_its_context():
+    cuda = FakeCuda(80 * GiB)  # an 80 GB card planning for a 24 GB one
+    done = emulate_target(24 * GiB, 0, cuda=cuda, context=(GiB // 4, "nvml"))
+    assert cuda.share * cuda.total == 24 * GiB - GiB // 4
+    assert done["context_bytes"] == GiB // 4 and done["context_source"] == "nvml"
+    assert "dtype" not in done  # no Turing kernels unless asked
+
+
+def test_without_nvml_the_documented_default_context_is_taken_off():
+    cuda = FakeCuda(80 * GiB)
+    assert measure_context(0, cuda) == (DEFAULT_CONTEXT_BYTES, "default")
+    emulate_target(24 * GiB, 0, cuda=cuda)
+    assert cuda.share * cuda.total == 24 * GiB - DEFAULT_CONTEXT_BYTES
+
+
+def test_a_card_no_bigger_than_the_target_is_not_capped():
+    cuda = FakeCuda(24 * GiB)
+    done = emulate_target(24 * GiB, 0, cuda=cuda, context=(GiB // 2, "nvml"))
+    assert cuda.share is None and "allocator_share" not in done
+
+
+def test_turing_kernels_only_on_request_and_the_tuned_config_keeps_the_targets_precision():
+    cfg = load_config(None, ["model.arch=smolvlm2-2.2b"])
+    assert cfg.model.dtype == "auto"
+    report = {"micro_batch": 4, "grad_accum": 2, "global_batch": 8}
+    # an A100-class target (40 GB) on a bigger card: probes and tuned.yaml keep `auto`
+    plain = emulate_target(40 * GiB, 0, cuda=FakeCuda(80 * GiB), context=(0, "nvml"))
+    probe = load_config(None, ["model.arch=smolvlm2-2.2b"])
+    apply_emulation(probe, plain)
+    assert probe.model.dtype == "auto"
+    tuned = tuned_config(cfg, {**report, "emulated": plain})
+    assert (tuned.model.dtype, tuned.model.attention) == (cfg.model.dtype, cfg.model.attention)
+    # a Titan RTX: fp16 + SDPA in the probes and in tuned.yaml (all a Turing card runs)
+    turing = emulate_target(24 * GiB, 0, turing=True, cuda=FakeCuda(80 * GiB), context=(0, "x"))
+    apply_emulation(probe, turing)
+    assert (probe.model.dtype, probe.model.attention) == ("fp16", "sdpa")
+    tuned = tuned_config(cfg, {**report, "emulated": turing})
+    assert (tuned.model.dtype, tuned.model.attention) == ("fp16", "sdpa")
+    assert (tuned.train.micro_batch_size, tuned.train.grad_accum) == (4, 2)
+    assert cfg.model.dtype == "auto"  # the caller's config is untouched
+
+
+def test_the_cache_key_holds_every_memory_option():
+    def key(*overrides, emulated=None, global_batch=8):
+        cfg = load_config(None, ["model.arch=smolvlm2-2.2b", *overrides])
+        return cache_key(cfg, 24, 0.9, 2, global_batch, emulated)
+
+    base = key()
+    assert key() == base
+    assert key(global_batch=16) != base
+    assert key("data.negative_frame_keep=0.5") != base  # frames per sample
+    assert key("data.max_seq_len=2048") != base
+    assert key("train.ds_config=ds_configs/zero3.json") != base
+    assert key("model.gradient_checkpointing=true") != base
+    assert key(emulated={"dtype": "fp16", "attention": "sdpa"}) != base
+    # the measured context varies from run to run by a few MB: not part of the key
+    assert key(emulated={"context_bytes": 1}) == key(emulated={"context_bytes": 2})
+
+
+def test_a_peak_without_nvml_still_counts_a_context():
+    # NVML's count beyond the allocator's reservation; the documented default when NVML has none
+    assert outside_allocator(3 * GiB, 2 * GiB) == (GiB, "nvml")
+    assert outside_allocator(GiB, 2 * GiB) == (0, "nvml")
+    assert outside_allocator(None, 2 * GiB) == (DEFAULT_CONTEXT_BYTES, "default")
