@@ -11,7 +11,7 @@ HELDOUT ?= 20
 PORT   ?= 29531
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean gpu-bench
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# Every GPU claim in one command (benchmarks/gpu_bench.py): SmolVLM2-2.2B with random weights,
+# offline, under an emulated 24 GB card; results in benchmarks/results/gpu_*.json.
+# DRY_RUN=1: the same stages on CPU with the tiny model (tests/test_benchmarks.py runs it).
+gpu-bench: $(STAMP)
+	$(PY) benchmarks/gpu_bench.py $(if $(DRY_RUN),--dry-run) $(GPU_BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -7,7 +7,8 @@ on the same model, data, DeepSpeed config and probe (full training steps on the 
 
 Each method runs in its own process (CPU RSS never goes down inside one, and a fresh CUDA
 allocator is fair to both). Reported per method: probes, seconds, the chosen micro-batch, its
-peak over the target; then ``verify-steps`` more steps at the chosen size (peak, any OOM). The
+peak over the target; then ``verify-steps`` steps at the chosen size in another fresh process
+(peak, any OOM). The
 peaks of every probe of both methods are kept as a recorded memory curve (the search tests use
 it). In smoke mode the limit is placed so that about 8 samples fit (from two calibration
 probes that are not counted).
@@ -38,11 +39,18 @@ def _prober(args):
     from dst_train.config import load_config
     from dst_train.data.collate import make_collate
     from dst_train.engine.trainer import init_distributed, setup
-    from dst_train.tune.autotune import Prober, emulate_target, sample_cost, worst_case_index
+    from dst_train.tune.autotune import (
+        Prober,
+        apply_emulation,
+        emulate_target,
+        sample_cost,
+        worst_case_index,
+    )
 
-    cfg = load_config(None, json.loads(args.overrides))
+    cfg = load_config(args.config, json.loads(args.overrides))
     _, _, device = init_distributed(cfg)
-    emulated = emulate_target(cfg, int(args.target_gb * GiB), 0)
+    emulated = emulate_target(int(args.target_gb * GiB), 0, turing=True)  # a Titan RTX
+    apply_emulation(cfg, emulated)
     probe_cfg = copy.deepcopy(cfg)
     probe_cfg.train.micro_batch_size = probe_cfg.train.grad_accum = 1
     s = setup(probe_cfg)
@@ -59,6 +67,9 @@ def child(args) -> dict:
     prober, emulated = _prober(args)
     if args.method == "calibrate":
         return {"probes": [asdict(prober(1)), asdict(prober(4))]}
+    if args.method == "verify":  # `verify_steps` steps at a given size (e.g. autotune's choice)
+        prober.steps = args.verify_steps
+        return {"emulated": emulated, **asdict(prober(args.max_micro))}
     limit = args.limit_bytes
     t0 = time.perf_counter()
     method = search if args.method == "ours" else doubling_search
@@ -80,26 +91,18 @@ def child(args) -> dict:
         "peak_bytes": result.peak_bytes,
         "limit_bytes": limit,
     }
-    if args.verify_steps:
-        prober.steps = args.verify_steps
-        check = prober(result.micro_batch)
-        record["verify"] = {
-            "steps": args.verify_steps,
-            "peak_bytes": check.peak_bytes,
-            "oom": check.oom,
-            "seconds": check.seconds,
-        }
     return record
 
 
-def calibrate(overrides: list[str], target_gb: float) -> int:
+def calibrate(overrides: list[str], target_gb: float, config: str | None = None) -> int:
     """Smoke mode: a limit where about 8 samples fit, from probes at 1 and 4 (not counted)."""
-    out = _spawn("calibrate", overrides, target_gb, 0, 0, 8)
+    out = _spawn("calibrate", overrides, target_gb, 0, 0, 8, config)
     p1, p4 = (p["peak_bytes"] for p in out["probes"])
     return int(p1 + 8 * (p4 - p1) / 3)
 
 
-def _spawn(method, overrides, target_gb, limit, verify, max_micro) -> dict:
+def _spawn(method, overrides, target_gb, limit, verify, max_micro, config=None) -> dict:
+    """``method`` in a fresh process; ``verify`` with ``max_micro`` runs that size only."""
     cmd = [
         sys.executable,
         __file__,
@@ -116,6 +119,7 @@ def _spawn(method, overrides, target_gb, limit, verify, max_micro) -> dict:
         str(verify),
         "--max-micro",
         str(max_micro),
+        *(["--config", config] if config else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
     if proc.returncode != 0:
@@ -155,8 +159,10 @@ def gpu_overrides(data: str, arch: str, tmp: Path) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--arch", default="smolvlm2-2.2b")
+    ap.add_argument("--arch", default="smolvlm2-2.2b", help="architecture name or model folder")
     ap.add_argument("--data", help="dataset root (GPU mode)")
+    ap.add_argument("--config", help="run config YAML under the overrides (e.g. a recipe)")
+    ap.add_argument("--name", help="result file name (default autotune_bench[_smoke])")
     ap.add_argument("--target-gb", type=float, default=24.0)
     ap.add_argument("--fraction", type=float, default=0.9)
     ap.add_argument("--verify-steps", type=int, default=100)
@@ -173,16 +179,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             overrides = smoke_overrides(Path(tmp))
-            limit = calibrate(overrides, args.target_gb)
+            limit = calibrate(overrides, args.target_gb, args.config)
             verify, max_micro = 3, 64
         else:
             overrides = gpu_overrides(args.data, args.arch, Path(tmp))
             limit = int(args.fraction * args.target_gb * GiB)
             verify, max_micro = args.verify_steps, args.max_micro
         runs = [
-            _spawn(m, overrides, args.target_gb, limit, verify, max_micro)
+            _spawn(m, overrides, args.target_gb, limit, 0, max_micro, args.config)
             for m in ("ours", "doubling")
         ]
+        for r in runs:  # each choice checked in a fresh process: a fresh engine and allocator
+            if verify and r.get("micro_batch"):
+                check = _spawn(
+                    "verify", overrides, args.target_gb, 0, verify, r["micro_batch"], args.config
+                )
+                r["verify"] = {"steps": verify, **check}
     rows, curve = [], {}
     for r in runs:
         for p in r["probes"]:
@@ -208,7 +220,7 @@ def main() -> None:
         "seconds_ours_over_baseline": (ours["seconds"] or 0) / (base["seconds"] or 1),
     }
     print(json.dumps(ratios))
-    name = "autotune_bench_smoke" if args.smoke else "autotune_bench"
+    name = args.name or ("autotune_bench_smoke" if args.smoke else "autotune_bench")
     path = write_result(
         name,
         {

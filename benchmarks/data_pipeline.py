@@ -5,13 +5,17 @@
 
 Measures (1) clips/s and frames/s of label building (JSONL parse + DST + labels, no tokenizer),
 (2) frames/s of lazy frame reads (Arrow slice + base64 JPEG decode) in windows, and (3) the peak
-Python memory of reading one fixed window from a short and from a long video: the ratio must stay
+memory of reading one fixed window from a short and from a long video, each in a fresh process:
+Python allocations (tracemalloc), Arrow's native memory pool, and the process's resident-set
+growth (native buffers, decoded images and the memory-mapped pages touched). The ratios must stay
 near 1 (memory follows the frames read, not the video length).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,15 +76,36 @@ def bench_frames(root: Path, window: int) -> dict:
     return {"stage": "frame reads", "frames": frames, "seconds": dt, "frames_per_s": frames / dt}
 
 
-def window_peak_bytes(arrow: Path, window: int) -> int:
-    """Peak Python allocation while opening ``arrow`` and decoding one window from its middle."""
+def window_peaks(arrow: Path, window: int) -> dict:
+    """Peaks of opening ``arrow`` and decoding one window from its middle, in this process:
+    Python allocations, Arrow's pool, resident-set growth over the state before (bytes)."""
+    import pyarrow as pa
+
+    rss_before = _rss_peak()
     tracemalloc.start()
     reader = FrameReader(arrow)
     mid = len(reader) // 2
     reader.images(mid, mid + window)
-    peak = tracemalloc.get_traced_memory()[1]
+    python_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return peak
+    return {
+        "python": python_peak,
+        "arrow_pool": pa.default_memory_pool().max_memory(),
+        "rss_growth": _rss_peak() - rss_before,
+    }
+
+
+def _rss_peak() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def window_peaks_fresh(arrow: Path, window: int) -> dict:
+    """:func:`window_peaks` in a fresh process (one process's earlier reads would hide it)."""
+    cmd = [sys.executable, __file__, "--child-window", str(arrow), "--window", str(window)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -90,7 +115,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="passes of label building")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", help="results folder (default benchmarks/results)")
+    ap.add_argument("--child-window", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_window:
+        print(json.dumps(window_peaks(Path(args.child_window), args.window)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         long_root, short_root = Path(tmp) / "long", Path(tmp) / "short"
         make_demo_data(long_root, seed=1, spec=long_spec(args.videos, args.smoke))
@@ -105,14 +134,17 @@ def main() -> None:
             (long_root / c.frames_file for c in clips), key=lambda p: len(FrameReader(p))
         )
         short_arrow = next((short_root / "frames").glob("*.arrow"))
+        short = window_peaks_fresh(short_arrow, args.window)
+        long = window_peaks_fresh(long_arrow, args.window)
         mem = {
             "window": args.window,
             "short_video_frames": len(FrameReader(short_arrow)),
             "long_video_frames": len(FrameReader(long_arrow)),
-            "short_peak_kib": window_peak_bytes(short_arrow, args.window) / 1024,
-            "long_peak_kib": window_peak_bytes(long_arrow, args.window) / 1024,
         }
-        mem["long_over_short"] = mem["long_peak_kib"] / mem["short_peak_kib"]
+        for kind in ("python", "arrow_pool", "rss_growth"):
+            mem[f"short_{kind}_kib"] = short[kind] / 1024
+            mem[f"long_{kind}_kib"] = long[kind] / 1024
+            mem[f"{kind}_long_over_short"] = long[kind] / max(short[kind], 1)
         frames_per_video = [c.num_frames for c in clips]
     print(table(rows, ["stage", "clips", "frames", "seconds", "clips_per_s", "frames_per_s"]))
     print()

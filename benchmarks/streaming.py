@@ -4,7 +4,9 @@
     python benchmarks/streaming.py --smoke                                      # tiny, for tests
 
 Streams the same clips with ``batch_size`` 1, 2, 4, ... (one clip per batch row, a freed row
-takes the next clip) and reports frames/s and the speed-up over batch 1 measured in the same run.
+takes the next clip) and reports frames/s and the speed-up over batch 1 measured in the same run:
+after an untimed warm-up, ``--repeats`` rounds with the sizes interleaved (order reversed each
+round), the median per size.
 It also checks that batching does not change what the model does: the share of frames whose
 response, DST text and tracked state equal batch 1's.
 """
@@ -12,6 +14,7 @@ response, DST text and tracked state equal batch 1's.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -32,25 +35,33 @@ from dst_train.model.frames import FramePixels  # noqa: E402
 
 def smoke_model(tmp: Path) -> tuple[Path, Path]:
     """A tiny random model folder (varied heads) and 8 short demo videos."""
-    from dst_train.config import load_config
     from dst_train.data.synthetic import DemoSpec, make_demo_data
-    from dst_train.model.build import Precision, build_model
     from dst_train.model.tiny import demo_corpus, make_tiny_model
 
     data = tmp / "data"
     make_demo_data(data, seed=1, spec=DemoSpec(videos=8, steps=(1, 1), image_size=32))
     arch = make_tiny_model(tmp / "tiny", demo_corpus(data), seed=0)
-    cfg = load_config(None, [f"data.root={data}", f"model.arch={arch}"])
+    return random_model(arch, data, tmp / "hf"), data
+
+
+def random_model(arch: Path, data: Path, folder: Path, dtype: str = "fp32") -> Path:
+    """A converted-model folder of random weights for ``arch`` (a model folder; its weights, if
+    any, are not used), with heads that vary per frame (untrained heads are constant). Built on
+    the GPU when there is one (2 B random parameters take minutes on a CPU)."""
+    from dst_train.config import load_config
+    from dst_train.model.build import Precision, build_model
+
+    cfg = load_config(None, [f"data.root={data}", f"model.arch={arch}", "model.pretrained=false"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa"))
-    for head in (model.speak_head, model.update_head):  # untrained heads are constant
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = build_model(cfg.model, cfg.head_config(), Precision(dtype, "sdpa"))
+    for head in (model.speak_head, model.update_head):
         torch.nn.init.normal_(head.net[-1].weight, std=0.3)
-    folder = tmp / "hf"
     model.backbone.hf.save_pretrained(folder)
     model.save_heads(folder)
     load_tokenizer(str(arch)).save_pretrained(folder)
     load_image_processor(str(arch)).save_pretrained(folder)
-    return folder, data
+    return folder
 
 
 def jobs_for(data: Path, split: str, processor, clips: int) -> list[StreamJob]:
@@ -75,6 +86,9 @@ def same(a, b) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="converted model folder (default: runs/demo/hf)")
+    p.add_argument(
+        "--random-arch", type=Path, help="instead: random weights of this model folder's shapes"
+    )
     p.add_argument("--data", help="dataset root (default: runs/demo/data)")
     p.add_argument("--split", default="test")
     p.add_argument("--clips", type=int, default=8)
@@ -86,6 +100,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--smoke", action="store_true", help="tiny random model, short clips")
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
+    p.add_argument("--name", help="result file name (default streaming[_smoke])")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per size (median kept)")
     args = p.parse_args()
     from dst_train.eval.evaluate import inference_device
     from dst_train.model.dst_model import DSTModel
@@ -94,11 +110,13 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     if args.smoke:
         model_dir, data = smoke_model(Path(tmp.name))
-        args.clips, args.batches, args.max_new_tokens = 4, "1,4", 4
+        args.clips, args.batches, args.max_new_tokens, args.repeats = 4, "1,4", 4, 2
         args.split, args.speak_threshold, args.update_threshold = "train", 0.7, 0.7
     else:
-        model_dir = Path(args.model or "runs/demo/hf")
         data = Path(args.data or "runs/demo/data")
+        model_dir = Path(args.model or "runs/demo/hf")
+        if args.random_arch:
+            model_dir = random_model(args.random_arch, data, Path(tmp.name) / "hf", args.dtype)
     torch.manual_seed(0)
     device = inference_device(args.device)
     model = DSTModel.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(device).eval()
@@ -117,15 +135,22 @@ def main() -> None:
     )
     jobs = jobs_for(data, args.split, load_image_processor(str(model_dir)), args.clips)
     frames = sum(j.labels.clip.end_frame_idx - j.labels.clip.start_frame_idx for j in jobs)
-    rows, base = [], None
-    for batch in (int(b) for b in args.batches.split(",")):
-        t0 = time.perf_counter()
-        traces = assistant.run_many(jobs, batch_size=batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        flat = [t for clip in traces for t in clip]
-        base = base or (flat, dt)
+    sizes = [int(b) for b in args.batches.split(",")]
+    assistant.run_many(jobs[:1], batch_size=1)  # warm-up: kernels, allocator, caches (untimed)
+    seconds = {b: [] for b in sizes}
+    outputs = {}
+    for r in range(args.repeats):  # interleaved, the order reversed every round: drift in
+        for batch in sizes if r % 2 == 0 else sizes[::-1]:  # clocks or heat hits all sizes
+            t0 = time.perf_counter()
+            traces = assistant.run_many(jobs, batch_size=batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[batch].append(time.perf_counter() - t0)
+            outputs[batch] = [t for clip in traces for t in clip]
+    base_flat, base_dt = outputs[sizes[0]], statistics.median(seconds[sizes[0]])
+    rows = []
+    for batch in sizes:
+        dt, flat = statistics.median(seconds[batch]), outputs[batch]
         rows.append(
             {
                 "batch_size": batch,
@@ -133,15 +158,15 @@ def main() -> None:
                 "frames": frames,
                 "seconds": dt,
                 "frames_per_s": frames / dt,
-                "speedup_over_batch1": base[1] / dt,
+                "speedup_over_batch1": base_dt / dt,
                 "responses": sum(bool(t.response) for t in flat),
                 "dst_updates": sum(bool(t.dst_text) for t in flat),
-                "same_as_batch1": sum(map(same, flat, base[0])) / len(flat),
+                "same_as_batch1": sum(map(same, flat, base_flat)) / len(flat),
             }
         )
     cols = list(rows[0])
     print(table(rows, cols))
-    name = "streaming_smoke" if args.smoke else "streaming"
+    name = args.name or ("streaming_smoke" if args.smoke else "streaming")
     print(
         write_result(
             name,

@@ -5,11 +5,14 @@ DeepSpeed config, model and data (the HF Trainer lives in this benchmark only).
     python benchmarks/throughput.py --arch smolvlm2-2.2b --data DATA --target-gb 24 \\
         [--micro-batch 4] [--steps 30]         # GPU: random weights, fp16 + SDPA, 24 GB cap
 
-Each stack runs in its own process: ``--steps`` optimizer steps at ``--micro-batch`` (the first
-``--warmup`` not timed) → tokens/s, samples/s, peak memory, MFU (6 × trainable parameters ×
-tokens/s over the GPU's dense fp16/bf16 peak; GPU only). Then, for each stack, the largest
-micro-batch under the same memory cap (our search over full training steps on the worst-case
-sample; the HF Trainer is rebuilt for every probe, as it must be).
+Each stack runs in its own process, on the same batches in the same order (our length-grouped
+sampler's; the Trainer is handed it), counted the same way over the same steps: ``--steps``
+optimizer steps at ``--micro-batch``, the first ``--warmup`` not timed → tokens/s, frames/s,
+samples/s, padding share, peak memory, model TFLOP/s and MFU (``dst_train.model.info.step_flops``:
+the 6·N convention with frozen weights counted as they are used, ZeRO-3 parameters at full size,
+over the GPU's dense fp16/bf16 peak; GPU only). Then, for each stack, the largest micro-batch
+under the same memory cap: the same search, each probe in a fresh process (full steps on the
+worst-case sample until one ran with the optimizer state).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.autotune_bench import gpu_overrides, smoke_overrides  # noqa: E402
 from benchmarks.common import table, write_result  # noqa: E402
+from dst_train.model.info import step_flops  # noqa: E402
 
 GiB = 2**30
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TITAN RTX": 130.0, "L40": 181.0}
@@ -35,50 +39,97 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TITAN RTX": 130.0, 
 def _build(args, micro: int, engine: bool = True):
     from dst_train.config import load_config
     from dst_train.engine.trainer import init_distributed, prepare, setup
-    from dst_train.tune.autotune import emulate_target
+    from dst_train.tune.autotune import apply_emulation, emulate_target
 
-    cfg = load_config(None, json.loads(args.overrides))
+    cfg = load_config(args.config, json.loads(args.overrides))
     cfg.train.micro_batch_size, cfg.train.grad_accum = micro, 1
+    cfg.train.global_batch_size = 0  # one micro-batch per step, whatever the recipe's global
     cfg.train.max_steps = args.steps
     init_distributed(cfg)
-    emulate_target(cfg, int(args.target_gb * GiB), 0)
+    apply_emulation(cfg, emulate_target(int(args.target_gb * GiB), 0, turing=True))
     return cfg, (setup if engine else prepare)(cfg)
 
 
-def _mfu(trainable: int, tokens_per_s: float) -> float | None:
+def _sync() -> None:
+    """Wait for queued GPU work, so a clock read is the end of what was launched."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class BatchCounts:
+    """What each trained batch held — the same counting for both stacks, in the training
+    process (a Trainer with loader workers collates in them). ``rates`` reads the timed
+    batches (``warmup`` onward) over ``seconds``."""
+
+    def __init__(self, collate):
+        self.collate, self.batches = collate, []
+
+    def __call__(self, items):  # our loop: collates in the training process
+        return self.count(self.collate(items))
+
+    def count(self, batch: dict) -> dict:
+        mask = batch["attention_mask"]
+        frames = batch.get("pixel_values", batch.get("frame_features"))
+        self.batches.append((int(mask.sum()), mask.numel(), frames.shape[0], mask.shape[0]))
+        return batch
+
+    def rates(self, first: int, last: int, seconds: float, model, k: int) -> dict:
+        tokens, positions, frames, samples = (
+            sum(c) for c in zip(*self.batches[first:last], strict=True)
+        )
+        flops = step_flops(model, tokens, frames, k)
+        return {
+            "timed_tokens": tokens,  # equal for both stacks when they ran the same batches
+            "tokens_per_s": tokens / seconds,
+            "frames_per_s": frames / seconds,
+            "samples_per_s": samples / seconds,
+            "padding": 1 - tokens / positions,
+            "model_tflops_per_s": flops / seconds / 1e12,
+            "mfu": _mfu(flops / seconds),
+        }
+
+
+def _mfu(flops_per_s: float) -> float | None:
+    """Model FLOPs per second over the GPU's dense fp16/bf16 peak (GPU only)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(0).upper()
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    return None if peak is None else 6 * trainable * tokens_per_s / (peak * 1e12)
+    return None if peak is None else flops_per_s / (peak * 1e12)
+
+
+def _trainable(model) -> int:
+    return sum(
+        getattr(p, "ds_numel", None) or p.numel() for p in model.parameters() if p.requires_grad
+    )
 
 
 def run_ours(args, micro: int, steps: int) -> dict:
-    """Our loop (the trainer's own micro-step runner) for ``steps`` optimizer steps."""
+    """Our loop (the trainer's own micro-step runner) for ``steps`` optimizer steps, on the
+    batches of the run's length-grouped sampler (epoch 0)."""
     from dst_train.engine.trainer import MicroBatchRunner, batches_forever
     from dst_train.tune.memory import PeakMemory
 
     cfg, s = _build(args, micro)
-    runner = MicroBatchRunner(s["engine"], s["collate"], s["device"], False, micro, 1, 0)
+    counts = BatchCounts(s["collate"])
+    runner = MicroBatchRunner(s["engine"], counts, s["device"], False, micro, 1, 0)
     stream = batches_forever(s["loader"], s["sampler"], 0, 0)
-    tokens = samples = 0
     with PeakMemory(s["device"]) as mem:
         for i in range(steps):
             if i == args.warmup:
+                _sync()
                 t0 = time.perf_counter()
-                tokens = samples = 0
-            sums = runner.run_window([next(stream)[2]])
-            tokens, samples = tokens + sums[-2].item(), samples + sums[-1].item()
+            runner.run_window([next(stream)[2]])
+    _sync()
     dt = time.perf_counter() - t0
-    trainable = sum(p.numel() for p in s["model"].parameters() if p.requires_grad)
     return {
-        "tokens_per_s": tokens / dt,
-        "samples_per_s": samples / dt,
+        **counts.rates(args.warmup, steps, dt, s["model"], cfg.model.tokens_per_frame),
         "peak_bytes": mem.peak_bytes,
-        "trainable": trainable,
-        "mfu": _mfu(trainable, tokens / dt),
+        "trainable": _trainable(s["model"]),
     }
 
 
@@ -96,19 +147,47 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
     if worst_only:
         worst = worst_case_index(dataset, sample_cost(cfg, s))
         dataset.samples = [dataset.samples[worst]] * (micro * steps)
-    counts = {"tokens": 0, "samples": 0}
-
-    def counting_collate(items):
-        batch = collate(items)
-        if counts.get("timing"):
-            counts["tokens"] += int(batch["attention_mask"].sum())
-            counts["samples"] += batch["input_ids"].shape[0]
-        return batch
+    # Both stacks count batches the same way (BatchCounts) over the same steps: warmup..end.
+    # The Trainer fetches step k's batch before ``on_step_begin(k)``, so the clock starts there
+    # and stops at the last ``on_step_end``; its batches are counted as they are trained.
+    counts = BatchCounts(collate)
+    clock: dict[str, float] = {}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            if state.global_step == args.warmup and "t0" not in counts:
-                counts.update(t0=time.perf_counter(), timing=True)
+            if state.global_step == args.warmup:
+                _sync()
+                clock["t0"] = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            _sync()
+            clock["t1"] = time.perf_counter()
+
+    order = None if worst_only else OurOrder(s["sampler"])
+
+    class UntilRealStep(TrainerCallback):
+        """A fit probe stops as ours does: after 2 steps, once a step ran with the optimizer
+        state (fp16 skips the first steps and DeepSpeed creates Adam's state at the first real
+        one — two skipped steps would miss 12 bytes per trainable parameter)."""
+
+        real_before = 0
+
+        def on_step_end(self, a, state, control, **kw):
+            real = state.global_step - trainer.model_wrapped.skipped_steps
+            if state.global_step >= 2 and self.real_before > 0:
+                control.should_training_stop = True
+            self.real_before = real
+
+    class SameOrderTrainer(Trainer):
+        """The Trainer fed our sampler's batches in our order (its own would shuffle at random
+        and pad more: the two loops would do different work)."""
+
+        def _get_train_sampler(self, *a, **kw):
+            return order or super()._get_train_sampler(*a, **kw)
+
+        def training_step(self, model, inputs, *a, **kw):
+            counts.count(inputs)
+            return super().training_step(model, inputs, *a, **kw)
 
     t = cfg.train
     hf_args = TrainingArguments(
@@ -130,16 +209,16 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
         save_strategy="no",
         logging_strategy="no",
         remove_unused_columns=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=cfg.data.num_workers,  # as our loader's
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = Trainer(
+    trainer = SameOrderTrainer(
         model=model,
         args=hf_args,
         train_dataset=dataset,
-        data_collator=counting_collate,
-        callbacks=[Timer()],
+        data_collator=collate,
+        callbacks=[Timer(), *([UntilRealStep()] if worst_only else [])],
     )
     oom = False
     started = time.perf_counter()
@@ -148,24 +227,40 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
             trainer.train()
         except torch.OutOfMemoryError:
             oom = True
-    dt = time.perf_counter() - counts.get("t0", time.perf_counter())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    timed = "t0" in clock and len(counts.batches) > args.warmup  # a fit probe times nothing
+    dt = clock["t1"] - clock["t0"] if timed else 0.0
+    k = cfg.model.tokens_per_frame
+    rates = counts.rates(args.warmup, steps, dt, model, k) if timed else {}
     return {
         "seconds": time.perf_counter() - started,  # the whole train() call, warm-up included
-        "tokens_per_s": counts["tokens"] / dt if dt else 0.0,
-        "samples_per_s": counts["samples"] / dt if dt else 0.0,
+        **rates,
         "peak_bytes": mem.peak_bytes,
         "oom": oom,
-        "trainable": trainable,
-        "mfu": _mfu(trainable, counts["tokens"] / dt) if dt else None,
+        "trainable": _trainable(model),
     }
 
 
-def probe_ours(args) -> dict:
-    """Largest micro-batch of our loop under the cap (the autotuner's search and probe)."""
+class OurOrder:
+    """Our batch sampler's batches, flattened: a Trainer batching them ``micro`` at a time
+    gets the same batches (the sampler's are all full: it wraps the tail)."""
+
+    def __init__(self, batch_sampler):
+        self.batches = batch_sampler
+
+    def __iter__(self):
+        return (i for batch in self.batches for i in batch)
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+def probe_ours_once(args, micro: int) -> dict:
+    """One probe of our loop at ``micro`` (the autotuner's probe: full steps on the worst-case
+    sample until one ran with the optimizer state), in this fresh process."""
+    from dataclasses import asdict
+
     from dst_train.data.collate import make_collate
     from dst_train.tune.autotune import Prober, sample_cost, worst_case_index
-    from dst_train.tune.search import search
 
     cfg, s = _build(args, 1)
     ds = s["train_ds"]
@@ -175,8 +270,7 @@ def probe_ours(args) -> dict:
         make_collate(s["tokenizer"].pad_token_id, bool(cfg.data.feature_cache)),
         s["device"],
     )
-    r = search(prober, args.limit_bytes, max_micro=args.max_micro)
-    return {"micro_batch": r.micro_batch, "probes": len(r.probes)}
+    return asdict(prober(micro))
 
 
 def _spawn(role: str, args, **extra) -> dict:
@@ -199,6 +293,7 @@ def _spawn(role: str, args, **extra) -> dict:
         str(args.limit_bytes or 0),
         "--max-micro",
         str(args.max_micro),
+        *(["--config", args.config] if args.config else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
     if proc.returncode != 0:
@@ -207,12 +302,13 @@ def _spawn(role: str, args, **extra) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
-def probe_hf(args) -> dict:
-    """Largest micro-batch of the HF Trainer under the cap: same search, one process per probe."""
+def largest_fit(args, role: str) -> dict:
+    """Largest micro-batch of one stack under the cap: the same search for both, every probe in
+    a fresh process (a fresh engine and allocator; the Trainer cannot be rebuilt in place)."""
     from dst_train.tune.search import Probe, search
 
     def measure(b: int) -> Probe:
-        r = _spawn("hf_worst", args, micro=b)
+        r = _spawn(role, args, micro=b)
         return Probe(b, r["peak_bytes"], r["seconds"], oom=r["oom"])
 
     r = search(measure, args.limit_bytes, max_micro=args.max_micro)
@@ -222,8 +318,11 @@ def probe_hf(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--arch", default="smolvlm2-2.2b")
+    ap.add_argument("--arch", default="smolvlm2-2.2b", help="architecture name or model folder")
     ap.add_argument("--data")
+    ap.add_argument("--config", help="run config YAML under the overrides (e.g. a recipe)")
+    ap.add_argument("--name", help="result file name (default throughput[_smoke])")
+    ap.add_argument("--no-fit", action="store_true", help="skip the largest-micro-batch searches")
     ap.add_argument("--target-gb", type=float, default=24.0)
     ap.add_argument("--fraction", type=float, default=0.9)
     ap.add_argument("--micro-batch", type=int, default=2)
@@ -239,9 +338,8 @@ def main() -> None:
         work = {
             "ours": lambda: run_ours(args, args.micro_batch, args.steps),
             "hf": lambda: run_hf(args, args.micro_batch, args.steps),
-            "hf_worst": lambda: run_hf(args, args.micro_batch, 2, worst_only=True),
-            "probe_ours": lambda: probe_ours(args),
-            "probe_hf": lambda: probe_hf(args),
+            "hf_worst": lambda: run_hf(args, args.micro_batch, 24, worst_only=True),
+            "ours_probe": lambda: probe_ours_once(args, args.micro_batch),
         }
         print("RESULT " + json.dumps(work[args.child]()))
         return
@@ -259,18 +357,23 @@ def main() -> None:
             if args.smoke
             else int(args.fraction * args.target_gb * GiB)
         )
-        fits = {"ours": _spawn("probe_ours", args), "hf": _spawn("probe_hf", args)}
+        fits = {}
+        if not args.no_fit:
+            fits = {"ours": largest_fit(args, "ours_probe"), "hf": largest_fit(args, "hf_worst")}
     for row in rows:
         row["peak_gib"] = row.pop("peak_bytes") / GiB
-        row["largest_micro_batch"] = fits[row["stack"]]["micro_batch"]
-        row["fit_probes"] = fits[row["stack"]]["probes"]
+        row["largest_micro_batch"] = fits.get(row["stack"], {}).get("micro_batch")
+        row["fit_probes"] = fits.get(row["stack"], {}).get("probes")
     print(
         table(
             rows,
             [
                 "stack",
                 "tokens_per_s",
+                "frames_per_s",
                 "samples_per_s",
+                "padding",
+                "model_tflops_per_s",
                 "peak_gib",
                 "mfu",
                 "largest_micro_batch",
@@ -284,7 +387,7 @@ def main() -> None:
         "peak_ours_over_hf": ours["peak_gib"] / hf["peak_gib"],
     }
     print(json.dumps(ratios))
-    name = "throughput_smoke" if args.smoke else "throughput"
+    name = args.name or ("throughput_smoke" if args.smoke else "throughput")
     path = write_result(
         name,
         {

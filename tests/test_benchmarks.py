@@ -35,7 +35,10 @@ def test_data_pipeline_smoke(tmp_path):
     assert result["throughput"][0]["frames"] > 0
     mem = result["memory"]
     assert mem["long_video_frames"] > mem["short_video_frames"]
-    assert 0.5 < mem["long_over_short"] < 2.0  # memory follows the window, not the video
+    # memory follows the window, not the video: Python allocations and the whole process's
+    # resident growth (native Arrow buffers, decoded images, mapped pages touched)
+    assert 0.5 < mem["python_long_over_short"] < 2.0
+    assert mem["long_rss_growth_kib"] > 0 and mem["rss_growth_long_over_short"] < 2.0
 
 
 def test_loss_memory_smoke(tmp_path):
@@ -53,7 +56,9 @@ def test_autotune_bench_smoke(tmp_path):
     result = json.loads((tmp_path / "autotune_bench_smoke.json").read_text())
     ours, base = result["rows"]
     assert ours["method"] == "ours" and base["method"] == "doubling"
-    assert ours["probes"] <= 4 and ours["probes"] < base["probes"]
+    # RSS is noisy (a probe past the line by a few MB costs one more): the exact probe counts
+    # on exact curves are tests/tune/test_search.py's
+    assert ours["probes"] <= 5 and ours["probes"] < base["probes"]
     assert ours["peak_over_limit"] <= 1.0 and base["peak_over_limit"] <= 1.0
     assert ours["verify_oom"] is False
     assert len(result["recorded_curve"]) >= 3
@@ -69,6 +74,8 @@ def test_throughput_smoke(tmp_path):
         assert row["tokens_per_s"] > 0 and row["samples_per_s"] > 0 and row["peak_gib"] > 0
         assert 1 <= row["largest_micro_batch"] <= 4
     assert ours["trainable"] == hf["trainable"]  # the same model under both stacks
+    # the same batches in the same order, counted over the same steps: the same work timed
+    assert ours["timed_tokens"] == hf["timed_tokens"] and ours["padding"] == hf["padding"]
 
 
 def test_streaming_smoke(tmp_path):
@@ -79,3 +86,31 @@ def test_streaming_smoke(tmp_path):
     assert one["batch_size"] == 1 and batched["batch_size"] > 1
     assert one["frames"] == batched["frames"] > 0 and one["dst_updates"] > 0
     assert batched["same_as_batch1"] == 1.0  # batching does not change the traces
+
+
+def test_gpu_bench_dry_run_runs_every_stage(tmp_path):
+    """`make gpu-bench DRY_RUN=1`: the GPU suite's stages on CPU with the tiny model."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--dry-run"]
+        + ["--work", str(tmp_path / "work"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tune = json.loads((tmp_path / "gpu_autotune.json").read_text())
+    assert tune["dry_run"] is True and tune["versions"]["deepspeed"]
+    s = tune["summary"]
+    assert 1 <= s["micro_batch"] <= 4 and s["probes"] >= 1 and 0 < s["peak_over_target"] < 1
+    assert s["verify_oom"] is False and s["verify_real_steps"] >= 1
+    assert tune["report"]["worst_case"]["frames"] > 0
+    rows = json.loads((tmp_path / "gpu_throughput.json").read_text())["rows"]
+    assert [r["stack"] for r in rows] == ["ours", "hf"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
+    assert rows[0]["timed_tokens"] == rows[1]["timed_tokens"]
+    bench = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
+    assert [r["method"] for r in bench] == ["ours", "doubling"]
+    assert all(r["peak_over_limit"] <= 1.0 for r in bench)
+    stream = json.loads((tmp_path / "gpu_streaming.json").read_text())["rows"]
+    assert [r["batch_size"] for r in stream] == [1, 8]
+    assert all(r["frames_per_s"] > 0 and r["same_as_batch1"] == 1.0 for r in stream)

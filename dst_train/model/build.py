@@ -163,7 +163,7 @@ def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
     """``{group: {"total": n, "trainable": m}}`` plus an ``all`` row."""
     counts = {g: {"total": 0, "trainable": 0} for g in (*GROUPS, "all")}
     for name, p in model.named_parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 leaves an empty local tensor
         if getattr(p, "quant_state", None) is not None:  # bitsandbytes packs 2 values per byte
             n *= 2
         for g in (group_of(name), "all"):

@@ -30,7 +30,7 @@ import torch
 
 from dst_train.config import ModelConfig
 from dst_train.model.backbone import SmolVLMBackbone, arch_config, check_tokens_per_frame
-from dst_train.model.build import Precision, build_model, parameter_counts
+from dst_train.model.build import Precision, build_model, group_of, parameter_counts
 from dst_train.model.dst_model import HeadConfig
 
 GIB = 2**30
@@ -80,6 +80,31 @@ def largest_layer_params(model: torch.nn.Module) -> int:
     return max(
         (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0
     )
+
+
+def step_flops(model: torch.nn.Module, tokens: int, frames: int, tokens_per_frame: int) -> float:
+    """Model FLOPs of one training step over ``tokens`` sequence positions and ``frames`` frames
+    through the vision tower — the 6·N convention (attention and checkpointing recompute left
+    out, as in MFU). Per use of a weight: 2 FLOPs forward, 2 for the gradient of its input, 2 for
+    its own gradient when it trains. The LM always passes input gradients back (LoRA and the
+    connector sit before or inside it), so frozen LM weights count 4; nothing before the vision
+    tower trains, so frozen tower weights count 2, once per patch (``grid²`` per frame);
+    connector weights act once per frame token. Embedding tables do no matmuls. ZeRO-3's
+    partitioned parameters count at full size."""
+    patches = frames * _backbone(model).grid ** 2
+    uses = {"vision": (patches, 2), "connector": (frames * tokens_per_frame, 2)}
+    total = 0.0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or "position_embedding" in name:
+            continue
+        n = getattr(p, "ds_numel", None) or p.numel()
+        count, frozen = uses.get(group_of(name), (tokens, 4))
+        total += count * n * (6 if p.requires_grad else frozen)
+    return total
+
+
+def _backbone(model: torch.nn.Module) -> SmolVLMBackbone:
+    return next(m for m in model.modules() if isinstance(m, SmolVLMBackbone))
 
 
 def model_info(mcfg: ModelConfig, gpus: int = 2, dtype: str = "fp16") -> dict:

@@ -16,10 +16,15 @@ from tests.engine.helpers import REPO
 
 @pytest.fixture(scope="module")
 def model_folder(demo_root, tiny_model_dir, tmp_path_factory):
-    """A random tiny model saved the way `dst-train convert` lays its folder out."""
+    """A random tiny model saved the way `dst-train convert` lays its folder out. Its decision
+    heads vary per frame, so it differs from the untrained baseline `--baseline` builds (the same
+    seed: built alike, the two would be bit-identical and any comparison vacuous)."""
     cfg = tiny_run_config(demo_root, tiny_model_dir)
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa"))
+    torch.manual_seed(1)
+    for head in (model.speak_head, model.update_head):
+        torch.nn.init.normal_(head.net[-1].weight, std=0.3)
     folder = tmp_path_factory.mktemp("eval-model") / "hf"
     model.backbone.hf.save_pretrained(folder)
     model.save_heads(folder)
@@ -58,6 +63,10 @@ def test_evaluate_writes_the_report_with_a_baseline_row(demo_root, model_folder,
     for key in ("metrics", "baseline_metrics"):
         assert set(REPORT_KEYS) <= set(report[key])
         assert all(report[key][k] is None or 0 <= report[key][k] for k in REPORT_KEYS)
+    # the model is not the baseline: other decisions, other numbers
+    preds = {n: (tmp_path / f"eval/{n}predictions.jsonl").read_text() for n in ("", "baseline_")}
+    assert preds[""] != preds["baseline_"]
+    assert any(report["metrics"][k] != report["baseline_metrics"][k] for k in REPORT_KEYS)
     assert report["max_new_tokens"] == 4 and report["stream_batch"] == 3
     assert 0 < report["model_thresholds"]["speak"] < 1
     traces = list((tmp_path / "eval/traces").glob("*.jsonl"))

@@ -43,9 +43,25 @@ def _assistant(setup, **kw):
     return StreamingAssistant(model, tok, builder, frame_batch=7, **kw)
 
 
+def _varied_heads(model):
+    """A copy whose decision heads vary per frame (untrained heads give every frame the same
+    probability, whatever the model saw — a comparison of those proves nothing)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    torch.manual_seed(1)
+    for head in (model.speak_head, model.update_head):
+        torch.nn.init.normal_(head.net[-1].weight, std=0.3)
+    return model
+
+
 def test_cached_streaming_equals_one_full_forward(setup):
     model, tok, builder, labels, tree, frames = setup
-    traces = _assistant(setup, speak_threshold=2.0, update_threshold=2.0).run(labels, tree, frames)
+    model = _varied_heads(model)
+    silent = StreamingAssistant(
+        model, tok, builder, frame_batch=7, speak_threshold=2.0, update_threshold=2.0
+    )
+    traces = silent.run(labels, tree, frames)
     n = labels.clip.end_frame_idx - labels.clip.start_frame_idx
     assert [t.frame for t in traces] == list(
         range(labels.clip.start_frame_idx, labels.clip.end_frame_idx)
@@ -57,26 +73,41 @@ def test_cached_streaming_equals_one_full_forward(setup):
     for seg in labels.segments:
         if seg.kind == "user" and seg.frame is not None:
             users.setdefault(seg.frame, []).append(seg.text)
-    with torch.no_grad():
-        emb = model.frame_embeddings(**frames([t.frame for t in traces]))
-        parts, last = (
-            [
-                model.backbone.embed_tokens(
-                    torch.tensor([builder.system_ids(instruction, tree, labels.initial_state)])
-                )[0]
-            ],
-            [],
-        )
-        for i, t in enumerate(traces):
-            parts.append(emb[i])
-            last.append(sum(len(p) for p in parts) - 1)
-            for text in users.get(t.frame, []):
-                ids, _, _ = builder.turn_ids("user", text)
-                parts.append(model.backbone.embed_tokens(torch.tensor([ids]))[0])
-        hidden, _ = model.backbone.decode(torch.cat(parts)[None])
-        speak = torch.sigmoid(model.speak_head(hidden[0, last])).squeeze(-1)
-    assert len(last) == n
-    assert torch.allclose(speak, torch.tensor([t.speak_prob for t in traces]), atol=1e-4)
+
+    def full_forward(frame_ids):
+        with torch.no_grad():
+            emb = model.frame_embeddings(**frames(frame_ids))
+            parts, last = (
+                [
+                    model.backbone.embed_tokens(
+                        torch.tensor([builder.system_ids(instruction, tree, labels.initial_state)])
+                    )[0]
+                ],
+                [],
+            )
+            for i, t in enumerate(traces):
+                parts.append(emb[i])
+                last.append(sum(len(p) for p in parts) - 1)
+                for text in users.get(t.frame, []):
+                    ids, _, _ = builder.turn_ids("user", text)
+                    parts.append(model.backbone.embed_tokens(torch.tensor([ids]))[0])
+            hidden, _ = model.backbone.decode(torch.cat(parts)[None])
+            h = hidden[0, last]
+            assert len(last) == n
+            return [
+                torch.sigmoid(head(h)).squeeze(-1) for head in (model.speak_head, model.update_head)
+            ]
+
+    streamed = [
+        torch.tensor([t.speak_prob for t in traces]),
+        torch.tensor([t.update_prob for t in traces]),
+    ]
+    assert min(p.std() for p in streamed) > 1e-3  # the heads tell frames apart
+    for full, got in zip(full_forward([t.frame for t in traces]), streamed, strict=True):
+        assert torch.allclose(full, got, atol=1e-4)
+    # ... and the comparison sees which frame went where: reversed frames give other numbers
+    swapped = full_forward([t.frame for t in traces][::-1])
+    assert not torch.allclose(swapped[0], streamed[0], atol=1e-4)
 
 
 def test_forced_decoding_refreshes_the_context_and_keeps_a_valid_state(setup):
@@ -124,14 +155,8 @@ def test_a_batch_of_clips_streams_as_each_clip_alone(setup, demo_root, tiny_mode
     """3 clips through 2 rows (the freed row takes the third clip), a context small enough to
     refresh and compact the cache, some rows decoding while others wait: every trace equals
     the clip streamed alone."""
-    import copy
-
     model, tok, builder, *_ = setup
-    model = copy.deepcopy(model)
-    torch.manual_seed(1)
-    for head in (model.speak_head, model.update_head):  # heads start constant: make them vary
-        torch.nn.init.normal_(head.net[-1].weight, std=0.3)
-    setup = (model, tok, builder)
+    setup = (_varied_heads(model), tok, builder)
     jobs = _jobs(demo_root, tiny_model_dir, 3)
     silent = _assistant(setup, speak_threshold=2.0, update_threshold=2.0)
     probs = silent.run_many(jobs, batch_size=3)

@@ -251,3 +251,33 @@ def test_memory_table_partly_frozen_by_hand():
     assert rows["zero3+offload"].cpu_gib == pytest.approx(1.5 * 18 + 6)
     fp32 = {r.strategy: r for r in model_state_memory(t, f, n, "fp32")}
     assert fp32["zero2"].gpu_gib == pytest.approx(16 + 12 / 4)  # 4 B weights, 4 + 8 per trainable
+
+
+def test_step_flops_count_each_weight_as_it_is_used(tiny_model_dir):
+    """MFU's numerator: 6 FLOPs per trained weight per token, 4 per frozen LM weight (forward
+    + input gradient), 2 per frozen tower weight per patch, none for embedding tables; ZeRO-3's
+    empty local tensors count at full size."""
+    from dst_train.model.info import step_flops
+
+    def build(**kw):
+        return build_model(ModelConfig(arch=str(tiny_model_dir), **kw), tiny_head(), FP32)
+
+    model = build()  # vision frozen, the rest trains
+    named = dict(model.named_parameters())
+    embed = sum(p.numel() for n, p in named.items() if "embed_tokens" in n)
+    c = parameter_counts(model)
+    per_token = c["lm"]["total"] + c["lm_head"]["total"] + c["heads"]["total"] - embed
+    assert step_flops(model, 10, 0, 1) == 6 * 10 * per_token  # text only: all trained
+    grid = model.backbone.grid
+    vision = c["vision"]["total"] - sum(
+        p.numel() for n, p in named.items() if "position_embedding" in n
+    )
+    frames_only = step_flops(model, 0, 3, 1)
+    assert frames_only == 2 * 3 * grid**2 * vision + 6 * 3 * c["connector"]["total"]
+    frozen = build(freeze_lm=True, freeze_connector=True)  # the LM now counts 4, not 6
+    lm = c["lm"]["total"] + c["lm_head"]["total"] - embed
+    assert step_flops(frozen, 10, 0, 1) == 10 * (4 * lm + 6 * c["heads"]["total"])
+    for p in model.parameters():  # ZeRO-3: the local tensor is empty, ds_numel the full size
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0)
+    assert step_flops(model, 10, 0, 1) == 6 * 10 * per_token

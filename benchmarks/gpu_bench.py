@@ -1,0 +1,227 @@
+"""Every GPU claim of the project, in one command (``make gpu-bench``), offline.
+
+    python benchmarks/gpu_bench.py                    # GPU: SmolVLM2-2.2B, emulated 24 GB card
+    python benchmarks/gpu_bench.py --dry-run          # CPU: the same stages on the tiny model
+
+Set-up (no hub needed): a synthetic dataset in the real formats and a model folder of the
+``--arch`` architecture from our configs with random weights and a locally trained tokenizer
+padded to the real vocabulary size (``dst-train make-tiny-model --arch``). The run recipe is
+``--recipe`` (default: the 2.2B LoRA recipe, the one meant for one 24 GB card per process).
+Stages, each in its own processes, each writing ``OUT/gpu_<stage>.json`` as soon as it ends:
+
+  autotune    ``dst-train autotune`` under the emulated target (probes, seconds, chosen
+              micro-batch, peak/target), then ``--verify-steps`` more training steps at the
+              chosen size on the worst-case sample (peak, OOM or not)
+  throughput  benchmarks/throughput.py: our loop vs the HF Trainer with the same DeepSpeed
+              config at the tuned micro-batch (tokens/s, peak, MFU), then the largest
+              micro-batch each stack fits under the same cap (the dry run skips this part:
+              tests/test_benchmarks.py runs it in the throughput smoke test)
+  bench       benchmarks/autotune_bench.py: our search vs doubling + binary search
+  streaming   benchmarks/streaming.py: streaming evaluation (random weights, heads that vary
+              per frame) of ``--stream-clips`` test clips, batch 1 vs 8: frames/s, and that
+              batching changes no output
+
+A stage that would start with less than ``--min-stage-s`` of ``--deadline-s`` left is skipped
+and recorded as skipped, so a short lease still brings back the stages that ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import write_result  # noqa: E402
+
+STAGES = ("autotune", "throughput", "bench", "streaming")
+GiB = 2**30
+
+
+def prepare(work: Path, arch: str, dry_run: bool, videos: int) -> dict:
+    """Data and model folder (reused when present); returns the paths."""
+    from dst_train.data.synthetic import DemoSpec, make_demo_data
+    from dst_train.model.tiny import demo_corpus, make_arch_folder, make_tiny_model
+
+    data, model = work / "data", work / "model"
+    if not (data / "prepared").is_dir():
+        make_demo_data(data, seed=0, spec=DemoSpec(videos=videos))
+    if not (model / "config.json").is_file():
+        if dry_run:
+            make_tiny_model(model, demo_corpus(data), seed=0, hidden=64, layers=2)
+        else:
+            make_arch_folder(model, demo_corpus(data), arch)
+    return {"data": data, "model": model}
+
+
+def overrides(paths: dict, work: Path, dry_run: bool) -> list[str]:
+    """The recipe's options that change for a random-weight, offline run."""
+    extra = ["model.cpu_dtype=fp32"] if dry_run else []
+    return [
+        f"data.root={paths['data']}",
+        f"model.arch={paths['model']}",
+        "model.pretrained=false",
+        f"output_dir={work / 'run'}",
+        "train.tensorboard=false",
+        *extra,
+    ]
+
+
+def _run(cmd: list[str], timeout: float, log: Path) -> None:
+    """Run ``cmd``; its output goes to ``log``; a failure raises with the log's tail."""
+    print("$", " ".join(cmd), flush=True)
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = log.read_text()[-4000:]
+        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd[:4])} ...\n{tail}")
+
+
+def stage_autotune(a, ov: list[str], work: Path, timeout: float) -> dict:
+    out = work / "autotune"
+    cmd = [sys.executable, "-m", "dst_train.cli", "autotune", "--config", a.recipe]
+    cmd += ["--target-gb", str(a.target_gb), "--fraction", str(a.fraction), "--no-cache"]
+    cmd += ["--emulate-turing"]
+    cmd += ["--max-micro", str(a.max_micro), "--out", str(out), *ov]
+    t0 = time.perf_counter()
+    _run(cmd, timeout, work / "autotune.log")
+    report = json.loads((out / "autotune.json").read_text())
+    target = a.target_gb * GiB
+    record = {
+        "wall_seconds": time.perf_counter() - t0,
+        "report": report,
+        "summary": {
+            "probes": len(report["probes"]),
+            "search_seconds": report["seconds"],
+            "micro_batch": report["searched_micro_batch"],
+            "peak_gib": report["peak_bytes"] / GiB,
+            "peak_over_target": report["peak_bytes"] / target,
+            "peak_over_limit": report["peak_bytes"] / report["limit_bytes"],
+        },
+    }
+    left = timeout - (time.perf_counter() - t0)
+    if a.verify_steps and left > 60:
+        try:  # the tuning is a result even when the long check after it fails or runs out
+            record["verify"] = verify = _verify(a, ov, work, report["searched_micro_batch"], left)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            record["verify"] = {"error": str(e)[-4000:]}
+            record["summary"]["verify_error"] = str(e).splitlines()[0][-300:]
+        else:
+            record["summary"].update(
+                verify_real_steps=verify["real_steps"],
+                verify_oom=verify["oom"],
+                verify_peak_over_target=verify["peak_bytes"] / target,
+                verify_seconds=verify["seconds"],
+            )
+    return record
+
+
+def _verify(a, ov: list[str], work: Path, micro: int, timeout: float) -> dict:
+    """``--verify-steps`` training steps at ``micro`` on the worst case, in a fresh process."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "autotune_bench.py"), "--child"]
+    cmd += ["--method", "verify", "--overrides", json.dumps(ov), "--config", a.recipe]
+    cmd += ["--target-gb", str(a.target_gb), "--limit-bytes", "0"]
+    cmd += ["--verify-steps", str(a.verify_steps), "--max-micro", str(micro)]
+    log = work / "verify.log"
+    _run(cmd, timeout, log)
+    line = next(x for x in log.read_text().splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def stage_script(a, script: str, name: str, work: Path, paths: dict, timeout: float, extra):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--arch", str(paths["model"])]
+    cmd += ["--data", str(paths["data"]), "--config", a.recipe, "--target-gb", str(a.target_gb)]
+    cmd += ["--fraction", str(a.fraction), "--out", str(work / "results"), "--name", name]
+    _run(cmd + extra, timeout, work / f"{name}.log")
+    record = json.loads((work / "results" / f"{name}.json").read_text())
+    return {**record, "summary": {"rows": record["rows"], "ratios": record["ratios"]}}
+
+
+def stage_streaming(a, work: Path, paths: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "streaming.py")]
+    cmd += ["--random-arch", str(paths["model"]), "--data", str(paths["data"])]
+    cmd += ["--dtype", "fp32" if a.dry_run else "fp16", "--batches", "1,8"]
+    cmd += ["--clips", str(a.stream_clips), "--split", "test"]
+    cmd += ["--repeats", "1" if a.dry_run else "3"]
+    cmd += ["--speak-threshold", "0.6", "--update-threshold", "0.6"]
+    cmd += ["--max-new-tokens", "4" if a.dry_run else "40"]
+    cmd += ["--out", str(work / "results"), "--name", "streaming"]
+    _run(cmd, timeout, work / "streaming.log")
+    record = json.loads((work / "results" / "streaming.json").read_text())
+    return {**record, "summary": {"rows": record["rows"]}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, a few steps")
+    ap.add_argument("--arch", default="smolvlm2-2.2b")
+    ap.add_argument("--recipe", default=str(ROOT / "launch/configs/smolvlm2-2.2b-lora.yaml"))
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--target-gb", type=float, default=24.0, help="card to emulate (GiB)")
+    ap.add_argument("--fraction", type=float, default=0.9)
+    ap.add_argument("--verify-steps", type=int, default=100)
+    ap.add_argument("--max-micro", type=int, default=64)
+    ap.add_argument("--throughput-steps", type=int, default=20)
+    ap.add_argument(
+        "--skip-fit",
+        action="store_true",
+        help="throughput: skip each stack's largest-micro-batch search (a probe per process)",
+    )
+    ap.add_argument("--videos", type=int, default=24, help="synthetic dataset size")
+    ap.add_argument("--stream-clips", type=int, default=8, help="clips the streaming stage runs")
+    ap.add_argument("--deadline-s", type=float, default=2400.0, help="whole run, seconds")
+    ap.add_argument("--min-stage-s", type=float, default=90.0)
+    ap.add_argument("--work", type=Path, help="scratch folder (default runs/gpu-bench[-dry])")
+    ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
+    a = ap.parse_args()
+    if a.dry_run:
+        a.verify_steps, a.max_micro, a.throughput_steps, a.stream_clips = 3, 4, 4, 2
+    work = a.work or ROOT / ("runs/gpu-bench-dry" if a.dry_run else "runs/gpu-bench")
+    out = a.out or (work / "results" if a.dry_run else None)
+    start = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    paths = prepare(work, a.arch, a.dry_run, a.videos)
+    ov = overrides(paths, work, a.dry_run)
+    micro = None
+    summary = {}
+    for stage in a.stages.split(","):
+        left = a.deadline_s - (time.perf_counter() - start)
+        if left < a.min_stage_s:
+            summary[stage] = {"skipped": f"{left:.0f} s of the deadline left"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            if stage == "autotune":
+                record = stage_autotune(a, ov, work, left)
+                micro = record["summary"]["micro_batch"]
+            elif stage == "throughput":
+                extra = ["--micro-batch", str(micro or 2)]
+                extra += ["--no-fit"] if a.dry_run or a.skip_fit else ["--max-micro", "32"]
+                extra += ["--steps", str(a.throughput_steps), "--warmup", "3"]
+                record = stage_script(a, "throughput.py", "throughput", work, paths, left, extra)
+            elif stage == "streaming":
+                record = stage_streaming(a, work, paths, left)
+            elif stage == "bench":
+                extra = ["--verify-steps", "0", "--max-micro", str(a.max_micro)]
+                record = stage_script(a, "autotune_bench.py", "bench", work, paths, left, extra)
+            else:
+                raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            record = {"error": str(e)[-4000:]}
+            print(f"stage {stage} failed: {str(e)[-2000:]}", flush=True)
+        record["stage_seconds"] = time.perf_counter() - t0
+        summary[stage] = record.get("summary", {k: record[k] for k in ("error",) if k in record})
+        path = write_result(f"gpu_{stage}", {"dry_run": a.dry_run, **record}, out)
+        print(f"stage {stage}: {record['stage_seconds']:.0f} s -> {path}", flush=True)
+    print(json.dumps(summary, indent=2, default=str))
+    if any("error" in v for v in summary.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
