@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import table, write_result  # noqa: E402
+from dst_train.engine.trainer import finish_distributed  # noqa: E402
 
 GiB = 2**30
 
@@ -174,7 +175,8 @@ def main() -> None:
     ap.add_argument("--limit-bytes", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args)))
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        finish_distributed()
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:

@@ -502,8 +502,12 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dst_train.engine.trainer import finish_distributed
+
     args = build_parser().parse_args(argv)  # argparse exits 2 on bad usage
-    return args.func(args)
+    code = args.func(args)
+    finish_distributed()  # only after a command that returned: see its docstring
+    return code
 
 
 if __name__ == "__main__":

@@ -77,6 +77,15 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def finish_distributed() -> None:
+    """Destroy the process group, if any, at the end of a job that ran to completion. Left to
+    the interpreter's exit, gloo's worker threads can abort the process ("terminate called
+    without an active exception", pytorch/pytorch#190489). Not after an exception: another rank
+    may still be inside a collective, and destroying would wait for it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def free_port() -> int:
     import socket
 
