@@ -104,9 +104,9 @@ def _mfu(flops_per_s: float) -> float | None:
 
 
 def _trainable(model) -> int:
-    return sum(
-        getattr(p, "ds_numel", None) or p.numel() for p in model.parameters() if p.requires_grad
-    )
+    from dst_train.model.build import parameter_counts  # counts ZeRO-3 parameters at full size
+
+    return parameter_counts(model)["all"]["trainable"]
 
 
 def run_ours(args, micro: int, steps: int) -> dict:
