@@ -1,0 +1,113 @@
+"""The pieces of ``dst-train evaluate`` that decide its numbers: threshold choice, the reference
+state each frame is compared with, which matches get caption metrics, and the options that
+shape a run (``--baseline-clips``, ``--max-context``, ``--embedding-model``)."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from dst_train.data.dst_tree import COMPLETED, IN_PROGRESS, NOT_STARTED, load_dst_tsv
+from dst_train.eval.evaluate import best_threshold, dst_inputs, reference_text, sweep
+from dst_train.eval.score import VideoTurns, score_matches
+from dst_train.eval.speaking import MatchResult
+from dst_train.eval.text_metrics import caption_scores
+from tests.conftest import write_tsv
+from tests.eval.test_evaluate_cli import model_folder  # noqa: F401  (a module-scoped fixture)
+
+
+def test_the_threshold_with_the_best_validation_f1_is_chosen():
+    # negatives at 0.1, 0.55 and 0.85, positives at 0.7 and 0.8
+    probs = np.array([0.1, 0.55, 0.7, 0.8, 0.85])
+    labels = np.array([0, 0, 1, 1, 0])
+    rows = sweep(probs, labels)
+    f1 = {r["threshold"]: r["f1"] for r in rows}
+    assert f1[0.5] == pytest.approx(2 / 3)  # predicts 4: p 2/4, r 1
+    assert f1[0.55] == f1[0.6] == f1[0.65] == pytest.approx(0.8)  # predicts 3: p 2/3, r 1
+    assert f1[0.75] == pytest.approx(0.5) and f1[0.85] == 0.0
+    assert best_threshold(rows) == 0.55  # the best F1; of those, the one nearest 0.5
+    assert best_threshold(sweep(probs, 1 - labels)) == 0.05  # the labels decide it
+
+
+def test_ties_go_to_the_threshold_nearest_one_half():
+    rows = [{"threshold": t, "f1": 0.5} for t in (0.1, 0.45, 0.6, 0.9)]
+    assert best_threshold(rows) == 0.45
+
+
+@pytest.fixture
+def tree(tmp_path):
+    rows = [
+        ("STEP", "1", 0, 10, "build"),
+        ("SUBSTEP", "1.1", 1.0, 3.0, "base"),
+        ("ACTION", "1.1.1", 1.0, 3.0, "screw"),
+    ]
+    return load_dst_tsv(write_tsv(tmp_path / "v.tsv", rows))
+
+
+def test_the_reference_state_after_a_frame_is_the_state_when_the_next_frame_starts(tree):
+    # 2 fps: frame f covers [f/2, (f+1)/2) s. The action starts at 1.0 s: frame 1 ([0.5, 1.0))
+    # ends with it not started, frame 2 ([1.0, 1.5)), the frame its start falls in (and the one
+    # the training labels mark), ends with it in progress; it completes at 3.0 s, in frame 6.
+    fps, start = 2.0, 0
+    labels = SimpleNamespace(
+        clip=SimpleNamespace(fps=fps), start=start, initial_state={}, dst_updates={2: "x"}
+    )
+    traces = [SimpleNamespace(frame=f, state={}, dst_valid=None) for f in range(8)]
+    ref = dst_inputs({"labels": labels, "traces": traces, "tree": tree})["ref_states"]
+    action = [s["1.1.1"] for s in ref]
+    assert action == [NOT_STARTED] * 2 + [IN_PROGRESS] * 4 + [COMPLETED] * 2
+    assert dst_inputs({"labels": labels, "traces": traces, "tree": None}) is None
+
+
+def test_the_reference_turn_is_silent_for_a_lone_dot():
+    labels = SimpleNamespace(responses={3: ["."], 4: ["Screw it in.", "later"]})
+    assert [reference_text(labels, f) for f in (2, 3, 4)] == ["", "", "Screw it in."]
+
+
+def test_caption_metrics_use_only_the_matches_above_the_similarity_threshold():
+    gen = ["Insert the pin.", "", "Open the lid now."]
+    video = VideoTurns("v", 2.0, "ego4d", gen, ["", "Insert the pin.", "Tighten the red screw."])
+    good, bad = (0, 1, 0.93), (2, 2, 0.21)
+    scores = score_matches([video], [MatchResult(matched=[good, bad])])
+    expected = caption_scores([("Insert the pin.", "Insert the pin.")], jaccard=scores["jaccard"])
+    everything = caption_scores(
+        [("Insert the pin.", "Insert the pin."), ("Open the lid now.", "Tighten the red screw.")],
+        jaccard=scores["jaccard"],
+    )
+    assert expected != everything  # the bad match would change the numbers
+    for key, value in expected.items():
+        assert scores[key] == pytest.approx(value), key
+    assert (scores["matches"], scores["correct_matches"]) == (2, 1)
+
+
+def test_baseline_clips_max_context_and_embedding_model_reach_the_run(
+    demo_root,
+    model_folder,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    from dst_train.eval import evaluate as ev
+    from dst_train.infer.stream import StreamingAssistant
+
+    contexts, real_init = [], StreamingAssistant.__init__
+
+    def recording(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        contexts.append(self.max_context)
+
+    monkeypatch.setattr(StreamingAssistant, "__init__", recording)
+    out = tmp_path / "eval"
+    report = ev.evaluate(
+        model_folder, demo_root, out=out, split="train", baseline=True, baseline_clips=1,
+        max_clips=2, max_new_tokens=2, stream_batch=2, device="cpu", embedding_model="minilm",
+        max_context=700,
+    )  # fmt: skip
+    assert report["clips"] == 2 and report["baseline_clips"] == 1
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    assert len((out / "baseline_predictions.jsonl").read_text().splitlines()) == 1
+    assert "metrics_on_baseline_clips" in report
+    assert report["metrics_on_baseline_clips"] != report["metrics"]
+    assert contexts and set(contexts) == {700}
+    assert json.loads((out / "traces" / "settings.json").read_text())["max_context"] == 700
+    assert "minilm" in report["embedding_model"]  # not the mpnet default
