@@ -1,3 +1,5 @@
+import pytest
+
 from dst_train.data.dst_tree import load_dst_tsv
 from dst_train.data.labels import build_clip_labels
 from dst_train.data.proassist import parse_clip
@@ -91,3 +93,46 @@ def test_without_dst_only_speak_labels(tmp_path):
     labels = build_clip_labels(_clip(), None)
     assert labels.update is None and labels.initial_state is None
     assert not any(s.kind == "dst" for s in labels.segments)
+
+
+def test_a_transition_at_exactly_the_clip_start_is_the_first_frames_update(tmp_path):
+    """Clip from frame 2 (1.0 s at 2 fps); an action starts at exactly 1.0 s: the clip begins
+    before it (not started) and its first frame carries the update."""
+    tree = load_dst_tsv(
+        write_tsv(
+            tmp_path / "v.tsv",
+            [
+                ("STEP", "1", "", "", "s"),
+                ("SUBSTEP", "1.1", "", "", "u"),
+                ("ACTION", "1.1.1", 1.0, 2.2, "a"),
+            ],
+        )
+    )
+    labels = build_clip_labels(_clip(start=2), tree)
+    assert set(labels.initial_state.values()) == {"not_started"}
+    assert labels.update == [1, 0, 1, 0, 0, 0]  # starts in frame 2, completes in frame 4 (2.2 s)
+    assert labels.dst_updates[2] == "1=in_progress; 1.1=in_progress; 1.1.1=in_progress"
+
+
+@pytest.mark.parametrize(
+    "spans",
+    [
+        [(0, 3), (2, 4), (4, 8)],  # overlapping
+        [(0, 3), (4, 8), (3, 4)],  # out of order
+        [(0, 3), (3, 4), (4, 9)],  # past the clip's end
+        [(1, 3), (3, 4), (4, 8)],  # fine: a clip may start without frames
+    ],
+)
+def test_overlapping_or_out_of_order_frames_turns_are_refused(spans):
+    from dst_train.data.proassist import DataFormatError
+
+    record = {
+        "dataset": "d", "video_uid": "v", "clip_idx": 0, "frames_file": "frames/v.arrow",
+        "start_frame_idx": 0, "end_frame_idx": 8, "fps": 2,
+        "conversation": [{"role": "frames", "start": a, "end": b} for a, b in spans],
+    }  # fmt: skip
+    if spans[0][0] == 1:
+        assert parse_clip(record, "x.jsonl:7").num_frames == 8
+        return
+    with pytest.raises(DataFormatError, match=r"^x\.jsonl:7: conversation\[\d\]: frames .* out of"):
+        parse_clip(record, "x.jsonl:7")
