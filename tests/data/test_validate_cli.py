@@ -106,3 +106,65 @@ def test_console_script_exit_codes(demo_root, tmp_path):
         ).returncode
         == 1
     )
+
+
+def _moved_layout(demo_root, tmp_path):
+    """The demo's files in three unrelated folders, so nothing can be guessed from a root."""
+    prepared = tmp_path / "clips" / "train.jsonl"
+    prepared.parent.mkdir()
+    shutil.copy(demo_root / "prepared" / "train.jsonl", prepared)
+    shutil.copytree(demo_root / "frames", tmp_path / "media" / "frames")
+    shutil.copytree(demo_root / "dst", tmp_path / "annotations")
+    return prepared, tmp_path / "media", tmp_path / "annotations"
+
+
+def test_frames_root_and_dst_dir_options_are_where_files_are_found(demo_root, tmp_path, capsys):
+    prepared, media, annotations = _moved_layout(demo_root, tmp_path)
+    code, out = _run(capsys, "--prepared", str(prepared), "--json")
+    guessed = json.loads(out)  # frames looked for under tmp_path (the ProAssist layout guess)
+    assert code == 1 and "frames file does not exist" in "\n".join(guessed["errors"])
+    args = ["--prepared", str(prepared), "--frames-root", str(media), "--json"]
+    code, out = _run(capsys, *args)
+    no_dst = json.loads(out)
+    assert code == 0 and no_dst["frames"] > 0 and no_dst["update_frames"] == 0
+    code, out = _run(capsys, *args, "--dst-dir", str(annotations))
+    full = json.loads(out)
+    assert code == 0 and full["update_frames"] > 0 and full["dst_nodes"] > 0
+    assert (full["clips"], full["frames"]) == (no_dst["clips"], no_dst["frames"])
+
+
+def test_dst_tsv_alone_and_the_span_policy(tmp_path, capsys):
+    from tests.conftest import write_tsv
+
+    rows = [
+        ("STEP", "1", 0, 10, "build"),
+        ("SUBSTEP", "1.1", 2, 6, "base"),
+        ("ACTION", "1.1.1", 1, 3, "screw"),  # starts before its parent
+    ]
+    tsv = write_tsv(tmp_path / "v.tsv", rows)
+    code, out = _run(capsys, "--dst-tsv", str(tsv), "--json")
+    repaired = json.loads(out)
+    assert code == 0 and repaired["dst_nodes"] == 3 and repaired["clips"] == 0
+    assert any("outside its annotated span" in w for w in repaired["warnings"])
+    code, out = _run(capsys, "--dst-tsv", str(tsv), "--span-policy", "error", "--json")
+    refused = json.loads(out)
+    assert code == 1 and refused["errors"][0].startswith(f"{tsv}:3: error: children of '1.1'")
+
+
+def test_deep_decodes_every_frame_a_clip_uses(demo_root, tmp_path, capsys):
+    from dst_train.data.proassist import FrameReader, write_frames
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    clip = json.loads((root / "prepared" / "train.jsonl").read_text().splitlines()[0])
+    arrow = root / clip["frames_file"]
+    frames = FrameReader(arrow).encoded(0, len(FrameReader(arrow)))
+    middle = (clip["start_frame_idx"] + clip["end_frame_idx"]) // 2
+    frames[middle] = "bm90IGEgSlBFRw=="  # base64 of "not a JPEG"
+    arrow.unlink()
+    write_frames(arrow, frames)
+    code, out = _run(capsys, str(root), "--json")
+    assert code == 0, json.loads(out)["errors"]  # only each clip's first and last frames
+    code, out = _run(capsys, str(root), "--deep", "--json")
+    errors = json.loads(out)["errors"]
+    assert code == 1 and any(f"[{middle}]: not a base64-encoded image" in e for e in errors)
