@@ -27,8 +27,10 @@ def test_lora_run_converts_merged_or_as_adapter(demo_root, tiny_model_dir, tmp_p
         launcher="python",
         nproc=1,
     )
+    from dst_train.cli import main
+
     merged = DSTModel.from_pretrained(convert(out, tmp_path / "merged")["out"])
-    convert(out, tmp_path / "adapter", merge_lora=False)
+    assert main(["convert", str(out), str(tmp_path / "adapter"), "--keep-adapter"]) == 0
     assert (tmp_path / "adapter" / "lora_adapter" / "adapter_config.json").is_file()
     base = DSTModel.from_pretrained(tmp_path / "adapter")
     hf = base.backbone.hf
@@ -51,3 +53,26 @@ def test_lora_run_converts_merged_or_as_adapter(demo_root, tiny_model_dir, tmp_p
     with torch.no_grad():
         c = plain(**batch)
     assert (a["response_loss"] - c["response_loss"]).abs() > 1e-4
+    assert not (tmp_path / "merged" / "lora_adapter").exists()
+
+
+def _dtypes(path) -> set:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+def test_convert_dtype_option_sets_the_saved_weights(demo_root, tiny_model_dir, tmp_path):
+    from dst_train.cli import main
+
+    out = tmp_path / "run"
+    run_training(
+        [*base_overrides(demo_root, tiny_model_dir, out), "train.max_steps=1"],
+        launcher="python",
+        nproc=1,
+    )
+    for dtype, name in (("fp32", "F32"), ("bf16", "BF16"), ("fp16", "F16")):
+        folder = tmp_path / dtype
+        assert main(["convert", str(out), str(folder), "--dtype", dtype]) == 0
+        assert _dtypes(folder / "model.safetensors") == {name}
