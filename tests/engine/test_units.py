@@ -265,3 +265,56 @@ def _python(script: str, env: dict, *args: str) -> subprocess.CompletedProcess:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def test_the_training_loop_stops_on_a_streak_of_overflowing_steps(
+    demo_root, tiny_model_dir, tmp_path, monkeypatch
+):
+    """Every loss inf (what fp16 overflow gives DeepSpeed's check): DeepSpeed skips each step,
+    and the loop's guard stops the run after ``max_skipped_in_a_row`` of them, saying why,
+    without saving the untrained weights as a checkpoint."""
+    from dst_train.engine.trainer import fit
+    from dst_train.model.dst_model import DSTModel
+    from tests.conftest import tiny_run_config
+
+    real = DSTModel.forward
+
+    def overflowing(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        out["loss"] = out["loss"] * float("inf")
+        return out
+
+    monkeypatch.setattr(DSTModel, "forward", overflowing)
+    out = tmp_path / "run"
+    cfg = tiny_run_config(
+        demo_root, tiny_model_dir, f"output_dir={out}", "train.tensorboard=false",
+        "train.max_steps=10", "train.max_skipped_in_a_row=3", "train.log_every=1",
+    )  # fmt: skip
+    with pytest.raises(TrainingStopped, match="3 optimizer steps in a row were skipped"):
+        fit(cfg)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows if "skipped_steps" in r] == [1, 2]
+    assert not list(out.glob("checkpoints/step_*"))
+
+
+def test_train_resume_auto_never_or_a_folder(tmp_path):
+    from dst_train.engine.checkpoint import COMPLETE, LATEST
+    from dst_train.engine.trainer import resume_tag
+
+    ckpt = tmp_path / "checkpoints"
+    for tag in ("step_2", "step_4", "step_6"):
+        (ckpt / tag).mkdir(parents=True)
+    for tag in ("step_2", "step_4"):  # step_6: a save a crash cut short
+        (ckpt / tag / COMPLETE).write_text("")
+    (ckpt / LATEST).write_text("step_6")
+    cfg = RunConfig()
+    assert cfg.train.resume == "auto" and resume_tag(cfg, ckpt) == (ckpt, "step_4")
+    cfg.train.resume = "never"
+    assert resume_tag(cfg, ckpt) is None
+    cfg.train.resume = str(ckpt / "step_2")
+    assert resume_tag(cfg, tmp_path / "elsewhere") == (ckpt, "step_2")
+    cfg.train.resume = str(ckpt / "step_6")
+    with pytest.raises(FileNotFoundError, match="step_6: not a complete dst-train checkpoint"):
+        resume_tag(cfg, ckpt)
+    cfg.train.resume = "auto"
+    assert resume_tag(cfg, tmp_path / "empty") is None
