@@ -318,3 +318,54 @@ def test_train_resume_auto_never_or_a_folder(tmp_path):
         resume_tag(cfg, ckpt)
     cfg.train.resume = "auto"
     assert resume_tag(cfg, tmp_path / "empty") is None
+
+
+def _take(stream, n):
+    out = []
+    for _ in range(n):
+        epoch, index, items = next(stream)
+        out.append(
+            (
+                epoch,
+                index,
+                [(it["sample"].source, it["speak_weight"], it["frames"]) for it in items],
+            )
+        )
+    return out
+
+
+def test_loader_workers_give_the_same_batches_across_epochs_and_resumes(
+    demo_root, tiny_model_dir, tmp_path
+):
+    """data.num_workers=2 reaches the train loader, and its batches — samples, the negative-frame
+    subsampling's weights, decoded frames — equal the main process's, in every epoch and after
+    a resume mid-epoch."""
+    from torch.utils.data import DataLoader
+
+    from dst_train.engine.trainer import batches_forever, prepare
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(
+        demo_root, tiny_model_dir, f"output_dir={tmp_path}", "data.num_workers=2",
+        "data.negative_frame_keep=0.5", "train.micro_batch_size=2",
+    )  # fmt: skip
+    s = prepare(cfg)
+    assert s["loader"].num_workers == 2
+    per_epoch = len(s["sampler"])
+    assert per_epoch >= 2
+    workers = _take(batches_forever(s["loader"], s["sampler"], 0, 0), 2 * per_epoch)
+    main_process = DataLoader(
+        s["train_ds"], batch_sampler=s["sampler"], collate_fn=list, generator=torch.Generator()
+    )
+    alone = _take(batches_forever(main_process, s["sampler"], 0, 0), 2 * per_epoch)
+    resumed = _take(batches_forever(s["loader"], s["sampler"], 1, 1), per_epoch - 1)
+    for got, want in ((workers, alone), (resumed, alone[per_epoch + 1 :])):
+        assert [(e, i) for e, i, _ in got] == [(e, i) for e, i, _ in want]
+        for (_, _, a), (_, _, b) in zip(got, want, strict=True):
+            assert [(src, w) for src, w, _ in a] == [(src, w) for src, w, _ in b]
+            assert all(torch.equal(x, y) for (_, _, x), (_, _, y) in zip(a, b, strict=True))
+    weights = [w for _, _, items in alone for _, ws, _ in items for w in ws]
+    assert 0.0 in weights and 1.0 in weights  # the subsampling ran
+    drawn = [{src: w for _, _, items in alone[e * per_epoch : (e + 1) * per_epoch]
+              for src, w, _ in items} for e in (0, 1)]  # fmt: skip
+    assert drawn[0].keys() == drawn[1].keys() and drawn[0] != drawn[1]  # redrawn each epoch
