@@ -161,3 +161,50 @@ def test_on_a_real_deepspeed_engine_the_probe_waits_for_the_optimizer_state(
     assert s["engine"].skipped_steps == 3  # DeepSpeed skipped the overflowing steps ...
     assert adam and probe.real_steps == 2  # ... and the probe went on until state existed
     assert engine.calls == 5  # 3 skipped, the first real one, one more with the state
+
+
+class WideEngine(Engine):
+    """``Engine`` with ``per_sample`` GiB of activations per sample."""
+
+    def __init__(self, cuda, per_sample: int):
+        super().__init__(cuda)
+        self.per_sample = per_sample
+
+    def __call__(self, input_ids):
+        self.activations = input_ids.shape[0] * self.per_sample * GiB
+        self.cuda.malloc(self.activations)
+        return {"loss": None}
+
+
+def _rank_probes(rank: int, port: int, out_dir: str) -> None:
+    """One of 2 gloo ranks: rank 1's samples need twice the memory of rank 0's."""
+    import json
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    cuda = CachingAllocator(16 * GiB)
+    prober = _prober(cuda, WideEngine(cuda, per_sample=1 + rank))
+    found = {b: prober(b) for b in (2, 6)}  # rank 1 needs 2+3+12 GiB for 6: out of memory
+    result = search(prober, 16 * GiB, max_micro=16)
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        peaks = {b: p.peak_bytes for b, p in found.items()}
+        oom = {b: p.oom for b, p in found.items()}
+        json.dump({"peaks": peaks, "oom": oom, "best": result.micro_batch}, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_every_rank_gets_the_largest_peak_and_any_rank_out_of_memory(tmp_path):
+    """Ranks see different samples' memory (sequence lengths differ per rank): a micro-batch fits
+    only if it fits on every rank, so each probe is the max over ranks and all ranks choose the
+    same size."""
+    import json
+
+    from tests.engine.helpers import free_port
+
+    torch.multiprocessing.spawn(_rank_probes, args=(int(free_port()), str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["peaks"]["2"] == (2 + 3 + 2 * 2) * GiB  # rank 1's peak, on both
+    assert ranks[0]["oom"] == {"2": False, "6": True}  # rank 0 alone fits 6
+    assert ranks[0]["best"] == 5  # 2 + 3 + 2 × 5 = 15 GiB on rank 1: the most both fit
