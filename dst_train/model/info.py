@@ -67,7 +67,7 @@ def model_state_memory(
         ("zero0", w * p + (g16 + rest) * t, 0),
         ("zero1", w * p + g16 * t + rest * t / n, 0),
         ("zero2", w * p + (g16 + rest) * t / n, 0),
-        ("zero2+offload", w * p, buf * t * max(4 * per_node, 16)),
+        ("zero2+offload", w * p, buf * t * max(4 * n, 16)),  # DeepSpeed: all GPUs, not per node
         ("zero3", layer + (w * f + (w + rest) * t) / n, 0),
         ("zero3+offload", layer, buf * (w + rest) * t / nodes + w * f / nodes),
     ]

@@ -214,25 +214,29 @@ def test_cache_features_refuses_a_trained_vision_tower(demo_root, tiny_model_dir
     assert "error: missing inputs:\n  data.root=/nowhere" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("gpus", [1, 2, 8])
-def test_memory_table_equals_deepspeeds_estimators_when_everything_trains(gpus):
+@pytest.mark.parametrize("gpus, per_node", [(1, 1), (2, 2), (8, 8), (8, 4), (16, 2)])
+def test_memory_table_equals_deepspeeds_estimators_when_everything_trains(gpus, per_node):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     from dst_train.model.info import GIB, model_state_memory
 
-    p, layer = 2_246_788_978, 100_925_440
-    rows = {r.strategy: r for r in model_state_memory(p, 0, gpus, "fp16", largest_layer=layer)}
+    p, layer, nodes = 2_246_788_978, 100_925_440, gpus // per_node
+    rows = model_state_memory(p, 0, gpus, "fp16", largest_layer=layer, gpus_per_node=per_node)
+    rows = {r.strategy: r for r in rows}
     for offload, name in ((False, "zero2"), (True, "zero2+offload")):
-        cpu, gpu = estimate_zero2_model_states_mem_needs(p, gpus, 1, cpu_offload=offload)
+        cpu, gpu = estimate_zero2_model_states_mem_needs(p, per_node, nodes, cpu_offload=offload)
         assert rows[name].gpu_gib == pytest.approx(gpu / GIB, rel=1e-6), name
         if offload:
             assert rows[name].cpu_gib == pytest.approx(cpu / GIB, rel=1e-6), name
-    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(p, layer, gpus, 1, cpu_offload=False)
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(p, layer, per_node, nodes, False)
     assert rows["zero3"].gpu_gib == pytest.approx(gpu / GIB, rel=1e-6)
-    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(p, layer, gpus, 1, True, True)
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(p, layer, per_node, nodes, True, True)
     assert rows["zero3+offload"].gpu_gib == pytest.approx(gpu / GIB, rel=1e-6)
     assert rows["zero3+offload"].cpu_gib == pytest.approx(cpu / GIB, rel=1e-6)
+    # ZeRO-0 keeps everything on each GPU; ZeRO-1 partitions the fp32 gradient and Adam state
+    assert rows["zero0"].gpu_gib == pytest.approx(20 * p / GIB)
+    assert rows["zero1"].gpu_gib == pytest.approx((4 + 16 / gpus) * p / GIB)
 
 
 def test_memory_table_partly_frozen_by_hand():
