@@ -153,6 +153,7 @@ def _run_config(args: argparse.Namespace, check_feature_cache: bool = True):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dst_train.engine.checkpoint import CheckpointMismatch
     from dst_train.engine.trainer import TrainingStopped, die_with_launcher, fit
 
     die_with_launcher()
@@ -163,6 +164,9 @@ def _train(args: argparse.Namespace) -> int:
         fit(cfg)
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    except CheckpointMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 

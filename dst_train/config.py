@@ -121,6 +121,9 @@ class TrainConfig:
     # pip-only install); true = DeepSpeed's FusedAdam (GPU) / DeepSpeedCPUAdam (offload), which
     # compile on first use and need nvcc + CUDA_HOME (docs/training.md: how to pre-build them)
     deepspeed_adam: bool = False
+    # nodes without a shared filesystem: each node writes its own ranks' checkpoint shards under
+    # its own output_dir (DeepSpeed's node-local storage); docs/training.md "Scaling out"
+    node_local_checkpoints: bool = False
 
 
 @dataclass

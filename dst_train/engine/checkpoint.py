@@ -5,6 +5,7 @@ Layout under ``RUN/checkpoints/``::
     step_00000040/      DeepSpeed's files (model + optimizer shards of every rank), plus
         config.yaml     the resolved run config (a checkpoint carries what made it)
         trainer.json    step, epoch, batch position in the epoch
+        ranks.json      the run's world size and each rank's host (where its shards were written)
         rng_rank{r}.pt  each rank's RNG states
         COMPLETE        written last
     latest              the tag of the newest complete checkpoint
@@ -13,6 +14,12 @@ A save writes everything into the new tag folder, waits for every rank, writes `
 only then replaces ``latest`` (write-to-temp + ``os.replace``, atomic on POSIX). A crash at any
 point before that leaves ``latest`` on the previous checkpoint; incomplete folders are removed at
 the next save.
+
+Nodes without a shared filesystem (``train.node_local_checkpoints``): DeepSpeed's node-local
+storage makes each node write its own ranks' shards (and the model states) under its own
+``output_dir``, and the first process of each node writes the files above there too. A resume
+takes the newest checkpoint complete on every node; ``convert`` needs every node's shards in one
+folder and names the ranks whose shards are missing.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +36,7 @@ import torch
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
+RANKS = "ranks.json"
 
 
 def tag_of(step: int) -> str:
@@ -74,21 +83,30 @@ def save(
     keep_last: int,
     rank: int,
     barrier,
+    writer: bool | None = None,
 ) -> Path:
-    """Save a complete checkpoint of ``engine`` at ``step`` (all ranks call this)."""
+    """Save a complete checkpoint of ``engine`` at ``step`` (all ranks call this). ``writer``:
+    this process writes the folder's own files (default: rank 0; with node-local checkpoints
+    the first process of each node, see :func:`is_writer`)."""
+    writer = rank == 0 if writer is None else writer
     ckpt_dir = Path(ckpt_dir)
     tag = tag_of(step)
     folder = ckpt_dir / tag
-    if (folder / COMPLETE).is_file():  # already saved (same step, same state): keep it whole
+    done_here = (folder / COMPLETE).is_file()
+    if _everywhere(done_here):  # already saved (same step, same state): keep it whole
         barrier()
         return folder
-    if rank == 0:
+    if writer:
+        if done_here:  # complete on this node only (a crash between nodes): saved again
+            shutil.rmtree(folder)
         _remove_incomplete(ckpt_dir)  # a crashed save of this very step among them
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    hosts = _hosts()
     barrier()
-    if rank == 0:
+    if writer:
+        (folder / RANKS).write_text(json.dumps({"world_size": len(hosts), "hosts": hosts}))
         (folder / "config.yaml").write_text(config_text)
         (folder / "trainer.json").write_text(json.dumps(trainer_state))
         (folder / COMPLETE).write_text("")
@@ -98,6 +116,90 @@ def save(
         _keep_last(ckpt_dir, keep_last)
     barrier()
     return folder
+
+
+def _everywhere(flag: bool) -> bool:
+    """``flag`` is true on every process (all ranks call this)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    flags = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(flags, flag)
+    return all(flags)
+
+
+def _hosts() -> list[str]:
+    """Each rank's host name (all ranks call this)."""
+    if not torch.distributed.is_initialized():
+        return [socket.gethostname()]
+    hosts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    return hosts
+
+
+def missing_shards(folder: str | Path) -> str | None:
+    """What is missing for consolidating the checkpoint in ``folder`` (None: nothing): the
+    ranks whose ZeRO optimizer shard is not there, e.g. a node-local run's other nodes."""
+    folder = Path(folder)
+    ranks_file = folder / RANKS
+    if not ranks_file.is_file():  # written since node-local checkpoints; nothing to compare
+        return None
+    ranks = json.loads(ranks_file.read_text())
+    gone = [
+        r
+        for r in range(ranks["world_size"])
+        if not any(folder.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+    ]
+    if not gone:
+        return None
+    where = ", ".join(f"rank {r} (host {ranks['hosts'][r]})" for r in gone)
+    return (
+        f"{folder}: the ZeRO shards of {where} are not here ({ranks['world_size']} ranks trained "
+        "it). A run with train.node_local_checkpoints=true leaves each node's shards on that "
+        f"node: copy the {folder.name} folder of every node into one (the file names do not "
+        "clash) and convert that"
+    )
+
+
+def is_writer(rank: int, local_rank: int, node_local: bool) -> bool:
+    """Whether this process writes a checkpoint's own files: rank 0 on a shared filesystem,
+    each node's first process when every node keeps its own checkpoints."""
+    return local_rank == 0 if node_local else rank == 0
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[str]:
+    return sorted(d.name for d in Path(ckpt_dir).glob("step_*") if (d / COMPLETE).is_file())
+
+
+class CheckpointMismatch(RuntimeError):
+    """The processes of a run do not see the same complete checkpoints."""
+
+
+def agreed_latest_tag(ckpt_dir: str | Path) -> str | None:
+    """:func:`latest_tag` as every process of the run sees it, agreed: the common choice, else
+    the newest checkpoint complete for every process (a save a crash cut short on one node),
+    else None when no process has one. Raises :class:`CheckpointMismatch` when some processes
+    have checkpoints and others have none in common with them (a node's disk wiped, another
+    ``output_dir``): starting those from scratch would silently train two different models."""
+    mine = (latest_tag(ckpt_dir), complete_tags(ckpt_dir), socket.gethostname(), str(ckpt_dir))
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return mine[0]
+    seen = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, mine)
+    choices = {latest for latest, *_ in seen}
+    if len(choices) == 1:
+        return choices.pop()
+    common = set.intersection(*(set(tags) for _, tags, *_ in seen))
+    if common:
+        return max(common)
+    listing = "; ".join(
+        f"rank {r} on {host}: {', '.join(tags) or 'none'} in {path}"
+        for r, (_, tags, host, path) in enumerate(seen)
+    )
+    raise CheckpointMismatch(
+        f"no checkpoint is complete for every process ({listing}). With "
+        "train.node_local_checkpoints=true each node resumes from its own output_dir: give every "
+        "node the output_dir it trained with, or train.resume=never to start over"
+    )
 
 
 def load(engine, ckpt_dir: str | Path, tag: str, rank: int) -> dict:

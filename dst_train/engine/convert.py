@@ -68,6 +68,9 @@ def convert(
 
     t0 = time.perf_counter()
     ckpt_dir, tag = locate(path)
+    problem = checkpoint.missing_shards(ckpt_dir / tag)
+    if problem:
+        raise FileNotFoundError(problem)
     cfg = load_config(ckpt_dir / tag / "config.yaml")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     mcfg = cfg.model

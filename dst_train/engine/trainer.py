@@ -196,7 +196,7 @@ def run_ds_config(cfg: RunConfig, world: int, dtype, on_gpu: bool) -> dict:
     from dst_train.model.backbone import arch_config
 
     t = cfg.train
-    return build_ds_config(
+    ds_config = build_ds_config(
         t.ds_config,
         micro_batch=t.micro_batch_size,
         grad_accum=cfg.grad_accum(world),
@@ -210,6 +210,9 @@ def run_ds_config(cfg: RunConfig, world: int, dtype, on_gpu: bool) -> dict:
         on_gpu=on_gpu,
         deepspeed_adam=t.deepspeed_adam,
     )
+    if t.node_local_checkpoints:  # each node's first process saves the model states there too
+        ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
+    return ds_config
 
 
 def die_with_launcher() -> None:
@@ -305,6 +308,8 @@ def fit(cfg: RunConfig) -> dict:
     barrier = torch.distributed.barrier
     barrier()
     config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    writer = checkpoint.is_writer(rank, local_rank, cfg.train.node_local_checkpoints)
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     tag = resume_tag(cfg, ckpt_dir)
@@ -374,12 +379,15 @@ def fit(cfg: RunConfig) -> dict:
             log.eval(state["step"], evaluate(engine, s["val_loader"], device, t.eval_batches))
         if t.save_every and state["step"] % t.save_every == 0 and state["step"] < t.max_steps:
             checkpoint.save(
-                engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier
-            )
+                engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier,
+                writer,
+            )  # fmt: skip
     engine = oom_net.engine
     final = evaluate(engine, s["val_loader"], device, t.eval_batches)
     log.eval(state["step"], final)
-    checkpoint.save(engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier)
+    checkpoint.save(
+        engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier, writer
+    )
     log.close()
     return {"step": state["step"], **final}
 
@@ -561,7 +569,7 @@ def resume_tag(cfg: RunConfig, ckpt_dir: Path) -> tuple[Path, str] | None:
     if cfg.train.resume == "never":
         return None
     if cfg.train.resume == "auto":
-        tag = checkpoint.latest_tag(ckpt_dir)
+        tag = checkpoint.agreed_latest_tag(ckpt_dir)
         return (ckpt_dir, tag) if tag else None
     folder = Path(cfg.train.resume)
     if not (folder / checkpoint.COMPLETE).is_file():
