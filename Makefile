@@ -11,7 +11,7 @@ HELDOUT ?= 20
 PORT   ?= 29531
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean gpu-bench
+.PHONY: demo test lint venv clean gpu-bench mutation
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ test: $(STAMP)
 # DRY_RUN=1: the same stages on CPU with the tiny model (tests/test_benchmarks.py runs it).
 gpu-bench: $(STAMP)
 	$(PY) benchmarks/gpu_bench.py $(if $(DRY_RUN),--dry-run) $(GPU_BENCH_ARGS)
+
+# Mutation testing (tools/mutation.py; not part of `make test`): a coverage pass of the suite, then
+# a seeded sample of mutants per package, each against the tests that run its line. ~1-2 h on 2 cores.
+mutation: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt coverage
+	$(PY) tools/mutation.py $(MUTATION_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
