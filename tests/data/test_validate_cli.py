@@ -37,6 +37,14 @@ def test_demo_root_validates_clean(demo_root, capsys):
     assert report["dst_transitions"] > report["dst_nodes"] > 0
     code, out = _run(capsys, str(demo_root))
     assert code == 0 and out.strip().endswith("OK")
+    from dst_train.data.proassist import read_prepared
+
+    per_split = {
+        p.stem: len(read_prepared(p)) for p in sorted((demo_root / "prepared").glob("*.jsonl"))
+    }
+    assert sum(per_split.values()) == report["clips"]
+    for split, n in per_split.items():  # the summary's "(per split: {...})"
+        assert f"'{split}': {n}" in out
 
 
 def test_proassist_shaped_sample_without_frames_or_dst(tmp_path, capsys):
