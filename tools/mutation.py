@@ -304,10 +304,23 @@ def _kill_leftovers(copy: Path) -> None:
             pass
 
 
+def collect(copy: Path) -> set[str]:
+    """Node ids of the copy's tests: a test renamed or re-parametrized since the coverage pass
+    is not asked for (pytest would stop with a usage error)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=copy, env=dict(os.environ, PYTHONPATH=str(copy)), capture_output=True, text=True,
+    )  # fmt: skip
+    return {line for line in proc.stdout.splitlines() if "::" in line}
+
+
 def choose_tests(mutant: Mutant, lines: dict[int, set[str]], durations: dict[str, float],
-                 budget_s: float) -> list[str]:  # fmt: skip
+                 budget_s: float, existing: set[str]) -> list[str]:  # fmt: skip
     """Tests that ran the mutated line, fastest first, within ``budget_s`` of their seconds."""
-    tests = sorted(lines.get(mutant.line, ()), key=lambda t: (durations.get(t, 60.0), t))
+    tests = sorted(
+        (t for t in lines.get(mutant.line, ()) if t in existing),
+        key=lambda t: (durations.get(t, 60.0), t),
+    )
     chosen, total = [], 0.0
     for test in tests:
         seconds = durations.get(test, 60.0)
@@ -395,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.only is not None:
         mutants = [m for m in mutants if m.key in set(args.only)]
     equivalent = load_equivalent()
+    existing = collect(copy)
     for n, mutant in enumerate(mutants, 1):
-        mutant.tests = choose_tests(mutant, by_file.get(mutant.path, {}), durations, args.budget_s)
+        lines = by_file.get(mutant.path, {})
+        mutant.tests = choose_tests(mutant, lines, durations, args.budget_s, existing)
         if mutant.key in equivalent:
             mutant.status = "equivalent"
         elif not mutant.tests:

@@ -369,3 +369,26 @@ def test_loader_workers_give_the_same_batches_across_epochs_and_resumes(
     drawn = [{src: w for _, _, items in alone[e * per_epoch : (e + 1) * per_epoch]
               for src, w, _ in items} for e in (0, 1)]  # fmt: skip
     assert drawn[0].keys() == drawn[1].keys() and drawn[0] != drawn[1]  # redrawn each epoch
+
+
+def test_val_loss_is_the_mean_over_the_batches_evaluated(demo_root, tiny_model_dir, tmp_path):
+    from dst_train.engine.trainer import LOSSES, evaluate, prepare, to_device
+    from tests.conftest import tiny_run_config
+
+    # the train split as "val": several batches of one sample
+    cfg = tiny_run_config(
+        demo_root, tiny_model_dir, f"output_dir={tmp_path}", "data.val_split=train"
+    )
+    s = prepare(cfg)
+    model, loader = s["model"], s["val_loader"]
+    model.eval()
+    loader.batch_sampler.set_epoch(0)
+    with torch.no_grad():
+        per_batch = [model(**to_device(b, s["device"])) for b in loader]
+    assert len(per_batch) >= 2
+    for n in (2, 0):  # the first 2 batches; 0 = all of them
+        got = evaluate(model, loader, s["device"], max_batches=n)
+        rows = per_batch[:n] if n else per_batch
+        for k in LOSSES:
+            want = sum(o[k].item() for o in rows) / len(rows)
+            assert got[f"val_{k}"] == pytest.approx(want, rel=1e-6), (n, k)

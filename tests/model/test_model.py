@@ -168,6 +168,19 @@ def test_save_and_load_roundtrip(demo_root, tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k])
     with pytest.raises(FileNotFoundError, match="not a dst-train model folder"):
         DSTModel.from_pretrained(tiny_model_dir)
+    # a heads file that lacks a head's weight, or has one the model does not: refused by name
+    from safetensors.torch import load_file, save_file
+
+    from dst_train.model.dst_model import HEADS_FILE
+
+    heads = load_file(str(tmp_path / HEADS_FILE))
+    lost = next(k for k in heads if k.startswith("update_head."))
+    without = {k: v for k, v in heads.items() if k != lost}
+    extra = {**heads, "extra_head.weight": torch.ones(1)}
+    for broken, name in ((without, lost), (extra, "extra_head.weight")):
+        save_file(broken, str(tmp_path / HEADS_FILE))
+        with pytest.raises(ValueError, match=f"{HEADS_FILE}: missing .*{name}"):
+            DSTModel.from_pretrained(tmp_path)
 
 
 def test_real_architectures_build_on_meta_with_the_right_size():

@@ -12,6 +12,9 @@ def test_tiny_model_has_the_asked_lm_shape(demo_root, tmp_path):
     text = json.loads((out / "config.json").read_text())["text_config"]
     assert (text["hidden_size"], text["num_hidden_layers"]) == (96, 3)
     assert (text["num_attention_heads"], text["num_key_value_heads"]) == (6, 3)
+    # untied LM head and embeddings, as in SmolVLM2-2.2B: the tiny model takes the path the
+    # real model takes through LoRA, ZeRO and convert
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_tiny_model_refuses_a_hidden_size_heads_cannot_split(demo_root, tmp_path, capsys):
