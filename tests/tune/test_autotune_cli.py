@@ -79,3 +79,28 @@ def test_autotune_refuses_clearly_when_nothing_fits(demo_root, tiny_model_dir, t
     assert proc.returncode == 3
     assert "micro-batch 1 does not fit" in proc.stderr
     assert "zero3+offload" in proc.stderr and "gradient_checkpointing" in proc.stderr
+
+
+def test_a_second_run_reads_the_cache_and_no_cache_measures_again(
+    demo_root, tiny_model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the cache: ~/.cache/dst-train/autotune
+    args = ("--target-gb", "64", "--max-micro", "2")
+
+    def report(*extra):
+        proc = _autotune(demo_root, tiny_model_dir, tmp_path, *args, *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / "at/autotune.json").read_text())
+
+    first = report()
+    assert "from_cache" not in first and len(first["probes"]) >= 2
+    cached = list((tmp_path / "home/.cache/dst-train/autotune").glob("*.json"))
+    assert len(cached) == 1
+    second = report()
+    assert second["from_cache"] == str(cached[0])
+    assert second["probes"] == first["probes"] and second["micro_batch"] == first["micro_batch"]
+    third = report("--no-cache")
+    assert "from_cache" not in third and third["probes"] != first["probes"]  # measured again
+    other = report("--fraction", "0.8")  # another key: measured, cached beside the first
+    assert "from_cache" not in other
+    assert len(list(cached[0].parent.glob("*.json"))) == 2

@@ -80,6 +80,7 @@ def test_nothing_fits():
     with pytest.raises(NothingFits) as err:
         search(curve(linear(23 * GiB, 1 * GiB)), LIMIT)
     assert len(err.value.result.probes) == 1
+    assert err.value.result.micro_batch == 0  # "nothing fits" in the report
     with pytest.raises(NothingFits):
         search(curve(linear(1 * GiB, 1 * GiB), oom_above=0), LIMIT)
 
