@@ -197,3 +197,30 @@ def test_a_batch_of_clips_streams_as_each_clip_alone(setup, demo_root, tiny_mode
 def test_batch_size_must_be_positive(setup, demo_root, tiny_model_dir):
     with pytest.raises(ValueError, match="batch_size"):
         _assistant(setup).run_many(_jobs(demo_root, tiny_model_dir, 1), batch_size=0)
+
+
+def test_a_probability_equal_to_the_threshold_does_not_fire_and_times_are_seconds(setup):
+    """Heads at logit 0 give every frame probability exactly 0.5: at threshold 0.5 nothing fires
+    (``p > t``, the rule the validation sweep chose the threshold by), just below it all do.
+    Each trace's time is its frame's start in seconds."""
+    import copy
+
+    model, tok, builder, labels, tree, frames = setup
+    half = copy.deepcopy(model)
+    for head in (half.speak_head, half.update_head):
+        torch.nn.init.zeros_(head.net[-1].weight)
+        torch.nn.init.zeros_(head.net[-1].bias)
+    labels = copy.copy(labels)
+
+    def run(t):
+        assistant = StreamingAssistant(half, tok, builder, frame_batch=7, speak_threshold=t,
+                                       update_threshold=t, max_new_tokens=2)  # fmt: skip
+        return assistant.run(labels, tree, frames)
+
+    at = run(0.5)
+    assert {(t.speak_prob, t.update_prob) for t in at} == {(0.5, 0.5)}
+    assert not any(t.response or t.dst_text for t in at)
+    below = run(0.4999)
+    assert all(t.response or t.dst_text for t in below[:3])
+    fps = labels.clip.fps
+    assert [t.time for t in at] == [t.frame / fps for t in at] and at[-1].frame > fps
