@@ -71,6 +71,7 @@ class Mutant:
     status: str = "pending"  # killed | survived | timeout | no-tests | error
     tests: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    in_function: bool = True  # False: module or class level, run once at import
 
     @property
     def key(self) -> str:
@@ -86,11 +87,12 @@ class _Mutator(ast.NodeTransformer):
 
     def __init__(self, target: int | None = None):
         self.target = target
-        self.found: list[tuple[int, int, str]] = []  # (line, col, change)
+        self.found: list[tuple[int, int, str, bool]] = []  # (line, col, change, in a function)
+        self.depth = 0  # function nesting
 
     def _candidate(self, node: ast.AST, change: str) -> bool:
         """Record a candidate; True when it is the one to apply."""
-        self.found.append((node.lineno, node.col_offset, change))
+        self.found.append((node.lineno, node.col_offset, change, self.depth > 0))
         return self.target == len(self.found) - 1
 
     # Subtrees that only build messages or types are left alone.
@@ -111,8 +113,10 @@ class _Mutator(ast.NodeTransformer):
         return node
 
     def visit_FunctionDef(self, node):
-        node.args = self.visit(node.args)
+        node.args = self.visit(node.args)  # defaults: evaluated at import, module level
+        self.depth += 1
         node.body = [self.visit(s) for s in node.body]
+        self.depth -= 1
         return node  # neither the return annotation nor the decorators are visited
 
     def visit_ClassDef(self, node):
@@ -203,8 +207,8 @@ def list_mutants(path: Path, tree: Path = ROOT) -> list[Mutant]:
     lines = source.splitlines()
     rel = str(path.relative_to(tree))
     return [
-        Mutant(rel, i, line, col, change)
-        for i, (line, col, change) in enumerate(mutator.found)
+        Mutant(rel, i, line, col, change, in_function=inside)
+        for i, (line, col, change, inside) in enumerate(mutator.found)
         if "pragma: no mutate" not in lines[line - 1]
     ]
 
@@ -316,11 +320,13 @@ def collect(copy: Path) -> set[str]:
 
 def choose_tests(mutant: Mutant, lines: dict[int, set[str]], durations: dict[str, float],
                  budget_s: float, existing: set[str]) -> list[str]:  # fmt: skip
-    """Tests that ran the mutated line, fastest first, within ``budget_s`` of their seconds."""
-    tests = sorted(
-        (t for t in lines.get(mutant.line, ()) if t in existing),
-        key=lambda t: (durations.get(t, 60.0), t),
-    )
+    """Tests that ran the mutated line, fastest first, within ``budget_s`` of their seconds. A
+    line run at import (a constant, a default) is credited only to the first test that imported
+    the module, so there every test that ran any line of the file is a candidate."""
+    ran = lines.get(mutant.line, set())
+    if not mutant.in_function and ran:
+        ran = set().union(*lines.values())
+    tests = sorted((t for t in ran if t in existing), key=lambda t: (durations.get(t, 60.0), t))
     chosen, total = [], 0.0
     for test in tests:
         seconds = durations.get(test, 60.0)
@@ -404,9 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     by_file, durations = load_coverage(args.workdir)
     # the mutants come from the copy, so the working tree may change while they run
     copy = prepare_copy(args.workdir)
-    mutants = sample(args.packages.split(","), args.per_package, args.seed, copy)
-    if args.only is not None:
-        mutants = [m for m in mutants if m.key in set(args.only)]
+    if args.only is not None:  # these mutants, sampled or not
+        every = sample(args.packages.split(","), 10**9, args.seed, copy)
+        mutants = [m for m in every if m.key in set(args.only)]
+    else:
+        mutants = sample(args.packages.split(","), args.per_package, args.seed, copy)
     equivalent = load_equivalent()
     existing = collect(copy)
     for n, mutant in enumerate(mutants, 1):

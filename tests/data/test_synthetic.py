@@ -138,20 +138,33 @@ def _digest(root) -> dict:
     return out
 
 
-# The demo of seed 5 (2 videos, 32 px) as generated when this test was written. A change to the
-# generator — a colour, a border, a timing, a text — changes these; if it was meant, update them
-# (and say so in the commit), since every recorded demo number depends on the data.
+# The demo of seed 5 (8 videos, so every part colour appears; 32 px) as generated when this test
+# was written. A change to the generator — a colour, a border, a timing, a text — changes these;
+# if it was meant, update them (and say so in the commit): every recorded demo number depends on
+# the data.
 GOLDEN = {
     "dst/demo_s5_v000.tsv": "784459f7e77d311c",
     "dst/demo_s5_v001.tsv": "a0311cf46eaf6813",
+    "dst/demo_s5_v002.tsv": "2e6017b5a1c298de",
+    "dst/demo_s5_v003.tsv": "c901b295b609c9f7",
+    "dst/demo_s5_v004.tsv": "21ee2fd8066ddf54",
+    "dst/demo_s5_v005.tsv": "cde9005870f83f2e",
+    "dst/demo_s5_v006.tsv": "6f45e85d60e6bed4",
+    "dst/demo_s5_v007.tsv": "86769aefa2a2ef62",
     "frames/demo_s5_v000.arrow": "1083208a5ca5b7e4",
     "frames/demo_s5_v001.arrow": "34dea1fcdb6b7dc1",
-    "prepared/test.jsonl": "e3b0c44298fc1c14",  # empty: 2 videos all go to train
-    "prepared/train.jsonl": "4dcedd8b8faa6a56",
-    "prepared/val.jsonl": "e3b0c44298fc1c14",
+    "frames/demo_s5_v002.arrow": "083a520fa6c7b7c5",
+    "frames/demo_s5_v003.arrow": "d567439f27c69da4",
+    "frames/demo_s5_v004.arrow": "7fd5c82be0cdd8a3",
+    "frames/demo_s5_v005.arrow": "dd28c10edb59b8a2",
+    "frames/demo_s5_v006.arrow": "e1456894cacf1c0d",
+    "frames/demo_s5_v007.arrow": "e9277f38b89dc20e",
+    "prepared/test.jsonl": "bb6b522fe152df58",
+    "prepared/train.jsonl": "de618b4fe0287687",
+    "prepared/val.jsonl": "a0d1e3e3b6abb306",
 }
 
 
 def test_the_demo_data_of_a_seed_is_what_it_was(tmp_path):
-    make_demo_data(tmp_path, seed=5, spec=DemoSpec(videos=2, image_size=32))
+    make_demo_data(tmp_path, seed=5, spec=DemoSpec(videos=8, image_size=32))
     assert _digest(tmp_path) == GOLDEN
