@@ -15,6 +15,19 @@ def demo_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """For a test that builds the DeepSpeed engine in the pytest process: the process-group
+    variables are set here and restored after the test. Left behind (``init_distributed`` sets
+    them for a plain process), every process a later test starts inherited this process's port,
+    which it still listens on, and failed with "address already in use"."""
+    from dst_train.engine.trainer import free_port
+
+    world = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in {**world, "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+
+
 def write_tsv(path, rows, header="type\tid\tstart_ts\tend_ts\tname"):
     """Write a DST TSV from tuples (type, id, start, end, name); None/'' means empty."""
     lines = [header] + ["\t".join("" if c is None else str(c) for c in r) for r in rows]

@@ -268,7 +268,7 @@ def _python(script: str, env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_training_loop_stops_on_a_streak_of_overflowing_steps(
-    demo_root, tiny_model_dir, tmp_path, monkeypatch
+    demo_root, tiny_model_dir, tmp_path, monkeypatch, world_of_one
 ):
     """Every loss inf (what fp16 overflow gives DeepSpeed's check): DeepSpeed skips each step,
     and the loop's guard stops the run after ``max_skipped_in_a_row`` of them, saying why,
@@ -335,7 +335,7 @@ def _take(stream, n):
 
 
 def test_loader_workers_give_the_same_batches_across_epochs_and_resumes(
-    demo_root, tiny_model_dir, tmp_path
+    demo_root, tiny_model_dir, tmp_path, world_of_one
 ):
     """data.num_workers=2 reaches the train loader, and its batches — samples, the negative-frame
     subsampling's weights, decoded frames — equal the main process's, in every epoch and after
@@ -371,7 +371,9 @@ def test_loader_workers_give_the_same_batches_across_epochs_and_resumes(
     assert drawn[0].keys() == drawn[1].keys() and drawn[0] != drawn[1]  # redrawn each epoch
 
 
-def test_val_loss_is_the_mean_over_the_batches_evaluated(demo_root, tiny_model_dir, tmp_path):
+def test_val_loss_is_the_mean_over_the_batches_evaluated(
+    demo_root, tiny_model_dir, tmp_path, world_of_one
+):
     from dst_train.engine.trainer import LOSSES, evaluate, prepare, to_device
     from tests.conftest import tiny_run_config
 

@@ -144,7 +144,7 @@ class Overflowing:
 
 
 def test_on_a_real_deepspeed_engine_the_probe_waits_for_the_optimizer_state(
-    demo_root, tiny_model_dir, tmp_path
+    demo_root, tiny_model_dir, tmp_path, world_of_one
 ):
     from dst_train.data.collate import make_collate
     from dst_train.engine.trainer import setup
