@@ -104,3 +104,13 @@ def test_a_second_run_reads_the_cache_and_no_cache_measures_again(
     other = report("--fraction", "0.8")  # another key: measured, cached beside the first
     assert "from_cache" not in other
     assert len(list(cached[0].parent.glob("*.json"))) == 2
+
+
+def test_global_batch_flag_sets_the_accumulation(demo_root, tiny_model_dir, tmp_path):
+    proc = _autotune(demo_root, tiny_model_dir, tmp_path, "--target-gb", "64", "--no-cache",
+                     "--max-micro", "4", "--global-batch", "24")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuned = yaml.safe_load((tmp_path / "at/tuned.yaml").read_text())["train"]
+    # the config's 8 replaced by the flag's 24: micro-batch 4 on 1 process accumulates 6
+    got = (tuned["micro_batch_size"], tuned["global_batch_size"], tuned["grad_accum"])
+    assert got == (4, 24, 6)
