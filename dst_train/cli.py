@@ -509,14 +509,14 @@ def main(argv: list[str] | None = None) -> int:
     from dst_train.engine.trainer import finish_distributed
 
     args = build_parser().parse_args(argv)  # argparse exits 2 on bad usage
-    caller_had_a_group = torch_distributed_initialized()
+    caller_had_a_group = _process_group_exists()
     code = args.func(args)
     if not caller_had_a_group:  # a group this command made; a caller's own group stays theirs
         finish_distributed()  # only after a command that returned: see its docstring
     return code
 
 
-def torch_distributed_initialized() -> bool:
+def _process_group_exists() -> bool:
     import torch
 
     return torch.distributed.is_available() and torch.distributed.is_initialized()

@@ -93,7 +93,8 @@ def save(
     tag = tag_of(step)
     folder = ckpt_dir / tag
     done_here = (folder / COMPLETE).is_file()
-    if _everywhere(done_here):  # already saved (same step, same state): keep it whole
+    seen = _gather((done_here, socket.gethostname()))  # every rank's (done, host)
+    if all(done for done, _ in seen):  # already saved (same step, same state): keep it whole
         barrier()
         return folder
     if writer:
@@ -103,9 +104,9 @@ def save(
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
-    hosts = _hosts()
     barrier()
     if writer:
+        hosts = [host for _, host in seen]
         (folder / RANKS).write_text(json.dumps({"world_size": len(hosts), "hosts": hosts}))
         (folder / "config.yaml").write_text(config_text)
         (folder / "trainer.json").write_text(json.dumps(trainer_state))
@@ -118,22 +119,13 @@ def save(
     return folder
 
 
-def _everywhere(flag: bool) -> bool:
-    """``flag`` is true on every process (all ranks call this)."""
+def _gather(value) -> list:
+    """``value`` of every rank, in rank order (all ranks call this; a lone process gets its own)."""
     if not torch.distributed.is_initialized():
-        return flag
-    flags = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(flags, flag)
-    return all(flags)
-
-
-def _hosts() -> list[str]:
-    """Each rank's host name (all ranks call this)."""
-    if not torch.distributed.is_initialized():
-        return [socket.gethostname()]
-    hosts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(hosts, socket.gethostname())
-    return hosts
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def missing_shards(folder: str | Path) -> str | None:
@@ -180,11 +172,8 @@ def agreed_latest_tag(ckpt_dir: str | Path) -> str | None:
     else None when no process has one. Raises :class:`CheckpointMismatch` when some processes
     have checkpoints and others have none in common with them (a node's disk wiped, another
     ``output_dir``): starting those from scratch would silently train two different models."""
-    mine = (latest_tag(ckpt_dir), complete_tags(ckpt_dir), socket.gethostname(), str(ckpt_dir))
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return mine[0]
-    seen = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(seen, mine)
+    seen = _gather((latest_tag(ckpt_dir), complete_tags(ckpt_dir), socket.gethostname(),
+                    str(ckpt_dir)))  # fmt: skip
     choices = {latest for latest, *_ in seen}
     if len(choices) == 1:
         return choices.pop()
