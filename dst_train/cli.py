@@ -85,11 +85,14 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 hidden=args.hidden,
                 layers=args.layers,
+                family_name=args.family,
             )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    what = f"{args.arch} (no weights: model.pretrained=false)" if args.arch else "tiny SmolVLM"
+    what = f"tiny {args.family}"
+    if args.arch:
+        what = f"{args.arch} (no weights: model.pretrained=false)"
     print(f"wrote {what} model folder {path}")
     return 0
 
@@ -330,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_validate_data)
 
-    p = sub.add_parser("make-tiny-model", help="write a tiny random SmolVLM + tokenizer folder")
+    p = sub.add_parser("make-tiny-model", help="write a tiny random VLM + tokenizer folder")
     p.add_argument("--data", required=True, help="dataset root whose texts train the tokenizer")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--seed", type=int, default=0)
@@ -338,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--hidden", type=int, default=64, help="LM hidden size, a multiple of 32 (heads of 16 dims)"
     )
     p.add_argument("--layers", type=int, default=2, help="LM layers")
+    p.add_argument(
+        "--family", default="smolvlm", choices=("smolvlm", "qwen2.5-vl"), help="model family"
+    )
     p.add_argument(
         "--arch",
         help="instead: a named architecture (smolvlm2-2.2b, ...) with a tokenizer of its "
@@ -347,7 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_make_tiny_model)
 
     p = sub.add_parser("model-info", help="parameter counts and model-state memory (meta device)")
-    p.add_argument("--arch", help="tiny | smolvlm2-256m | smolvlm2-500m | smolvlm2-2.2b | PATH")
+    p.add_argument(
+        "--arch",
+        help="tiny | smolvlm2-256m | smolvlm2-500m | smolvlm2-2.2b | qwen2.5-vl-3b | "
+        "qwen2.5-vl-7b | PATH",
+    )
     p.add_argument("--tokens-per-frame", type=int, default=0, help="k (default: the config's)")
     p.add_argument("--gpus", type=int, default=2, help="data-parallel GPUs for ZeRO sharding")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))

@@ -42,7 +42,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = (
-        "tiny"  # tiny | smolvlm2-256m | smolvlm2-500m | smolvlm2-2.2b | model folder | hub id
+        "tiny"  # tiny | smolvlm2-256m/-500m/-2.2b | qwen2.5-vl-3b/-7b | model folder | hub id
     )
     pretrained: bool = True  # load weights (folder/hub); False = random init from the architecture
     tokens_per_frame: int = 1  # k: a perfect square (1, 4, 9, ...)

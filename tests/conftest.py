@@ -43,6 +43,22 @@ def tiny_model_dir(demo_root, tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"), demo_corpus(demo_root), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(demo_root, tmp_path_factory):
+    """A tiny random Qwen2.5-VL folder (the second backbone family), made once."""
+    from dst_train.model.tiny import demo_corpus, make_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-qwen")
+    return make_tiny_model(out, demo_corpus(demo_root), seed=0, family_name="qwen2.5-vl")
+
+
+@pytest.fixture(params=["smolvlm", "qwen2.5-vl"])
+def tiny_family_dir(request):
+    """The tiny model folder of each backbone family in turn."""
+    name = {"smolvlm": "tiny_model_dir", "qwen2.5-vl": "tiny_qwen_dir"}[request.param]
+    return request.getfixturevalue(name)
+
+
 def tiny_run_config(demo_root, tiny_model_dir, *overrides):
     """A RunConfig for the tiny model on the demo data, with ``key=value`` overrides."""
     from dst_train.config import load_config

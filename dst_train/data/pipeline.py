@@ -41,7 +41,7 @@ def make_dataset(
     )
     samples = build_samples(cfg.data.root, split, builder, cfg.data.span_policy)
     if cfg.data.feature_cache:
-        key = backbone_cache_key(backbone, image_processor.max_image_size["longest_edge"])
+        key = backbone_cache_key(backbone, image_processor.image_size)
         source, features = FeatureCache(cfg.data.feature_cache, expect_key=key), True
     else:
         source, features = FramePixels(cfg.data.root, image_processor), False

@@ -63,7 +63,7 @@ def convert(
 
     from dst_train.config import load_config
     from dst_train.model.backbone import load_image_processor, load_tokenizer
-    from dst_train.model.build import Precision, build_model
+    from dst_train.model.build import Precision, build_model, save_lora_adapter
     from dst_train.model.build import merge_lora as merge
 
     t0 = time.perf_counter()
@@ -95,8 +95,7 @@ def convert(
     out = partial_folder(final)  # built aside, swapped in whole: a kill leaves OUT as it was
     hf = model.backbone.hf
     if cfg.model.lora and not merge_lora:
-        hf.model.text_model.save_pretrained(out / "lora_adapter")  # peft adapter folder
-        hf.model.text_model = hf.model.text_model.unload()  # LoRA layers out, weights unmerged
+        save_lora_adapter(model, out / "lora_adapter")  # peft adapter folder
     elif cfg.model.lora:
         merge(model)
     torch_dtype = DTYPES[dtype]

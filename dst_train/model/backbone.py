@@ -2,16 +2,17 @@
 
 A backbone knows how frames become tokens (vision tower → pooling to k tokens → connector), where
 the language model and its head are, and its chat format. The rest of dst-train (sequence
-building, heads, losses, trainer, inference) talks only to this interface, so another VLM
-(Idefics3, a Qwen-VL model) is one more module implementing it plus an entry in ``load_backbone``.
+building, heads, losses, trainer, inference) talks only to this interface and to the loaders at
+the end of this module, which pick the family from the transformers config's ``model_type``.
 
-SmolVLM2 = SigLIP encoder → pixel-shuffle connector (scale s) → Llama LM. A frame's patch grid
-(G×G) is average-pooled to (s·√k)×(s·√k) before the connector, so the pretrained connector still
-sees s×s neighbourhoods of (pooled) patches and emits exactly k tokens per frame.
+A family is one module (:mod:`~dst_train.model.smolvlm`, :mod:`~dst_train.model.qwen_vl`) with
+its :class:`VLMBackbone` subclass, chat format, frame processor, tiny config and the token ids it
+needs; adding one is that module plus an entry in ``FAMILIES``.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -27,6 +28,12 @@ ARCHS = {  # name -> (architecture json, hub id of the real weights)
     "smolvlm2-256m": ("smolvlm2-256m.json", "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"),
     "smolvlm2-500m": ("smolvlm2-500m.json", "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"),
     "smolvlm2-2.2b": ("smolvlm2-2.2b.json", "HuggingFaceTB/SmolVLM2-2.2B-Instruct"),
+    "qwen2.5-vl-3b": ("qwen2.5-vl-3b.json", "Qwen/Qwen2.5-VL-3B-Instruct"),
+    "qwen2.5-vl-7b": ("qwen2.5-vl-7b.json", "Qwen/Qwen2.5-VL-7B-Instruct"),
+}
+FAMILIES = {  # transformers model_type -> module of that family
+    "smolvlm": "dst_train.model.smolvlm",
+    "qwen2_5_vl": "dst_train.model.qwen_vl",
 }
 
 
@@ -52,6 +59,8 @@ class Backbone(Protocol):
     hidden_size: int
     image_token_id: int
     tokens_per_frame: int
+    patches_per_frame: int  # vision-tower positions per frame (FLOPs, memory estimates)
+    native_tokens_per_frame: int  # LM tokens per frame the pretrained model used (no pooling)
 
     def frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) pixels → (N, P, Dv) pooled vision features (what the cache holds)."""
@@ -67,6 +76,7 @@ class Backbone(Protocol):
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
     ):
         """LM trunk: (B, T, H) embeddings → ((B, T, H) last hidden states, cache)."""
 
@@ -77,33 +87,33 @@ class Backbone(Protocol):
         """``vision``, ``connector``, ``lm`` (trunk + embeddings) and ``lm_head`` modules."""
 
 
-class SmolVLMBackbone(nn.Module):
-    """:class:`Backbone` over transformers' ``SmolVLMForConditionalGeneration``."""
+class VLMBackbone(nn.Module):
+    """What the families share: a transformers VLM whose parts are ``vision``, ``connector``,
+    ``language_model`` (the LM trunk, replaceable: ``set_language_model``) and ``lm_head``. A family
+    defines those properties, ``patches_per_frame``, and ``_features`` (one vision-tower call:
+    pixels → pooled features)."""
 
-    chat = ChatFormat()
+    chat: ChatFormat
 
     def __init__(self, hf_model, tokens_per_frame: int = 1, vision_chunk: int = 64):
         super().__init__()
         self.hf = hf_model
         self.vision_chunk = vision_chunk  # frames per vision-tower call; 0 = all at once
         cfg = hf_model.config
-        self.scale = cfg.scale_factor
-        self.grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
         self.hidden_size = cfg.text_config.hidden_size
         self.image_token_id = cfg.image_token_id
         self.tokens_per_frame = tokens_per_frame
-        self.pooled_grid = check_tokens_per_frame(tokens_per_frame, self.grid, self.scale)
 
     # ---------------------------------------------------------------- frames
     def frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) pixels → (N, (s·√k)², Dv) pooled patch features, ``vision_chunk`` frames
+        """(N, 3, S, S) pixels → (N, P, Dv) pooled patch features, ``vision_chunk`` frames
         per tower call (0 = all at once).
 
         A tower with no trainable parameter runs without autograd, whatever hooks are on:
         gradient checkpointing's ``enable_input_require_grads`` marks the patch embeddings as
         requiring grad, and the frozen tower then kept ~56 MiB of activations per frame
         (smolvlm2-256m, fp32) for a backward that changes nothing in it."""
-        vision = self.hf.model.vision_model
+        vision = self.vision
         params = list(vision.parameters())
         dtype = params[0].dtype
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
@@ -112,23 +122,32 @@ class SmolVLMBackbone(nn.Module):
         zero3 = hasattr(params[0], "ds_id")
         step = len(pixel_values) if zero3 or not self.vision_chunk else self.vision_chunk
         with torch.set_grad_enabled(grad):
-            parts = [
-                self._pooled(vision, x.to(dtype=dtype)) for x in pixel_values.split(max(step, 1))
-            ]
+            parts = [self._features(x.to(dtype=dtype)) for x in pixel_values.split(max(step, 1))]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _pooled(self, vision, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = vision(pixel_values=pixel_values).last_hidden_state  # (N, G*G, Dv)
-        return pool_patches(hidden, self.grid, self.pooled_grid)
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    def project_frames(self, features: torch.Tensor) -> torch.Tensor:
-        connector = self.hf.model.connector
-        features = features.to(dtype=connector.modality_projection.proj.weight.dtype)
-        return connector(features)  # (N, k, H)
+    @property
+    def vision(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def connector(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def language_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def set_language_model(self, module: nn.Module) -> None:
+        """Replace the LM trunk (LoRA wraps or unwraps it). A method, not a property setter:
+        ``nn.Module.__setattr__`` would register an assigned module as a new child instead."""
+        raise NotImplementedError
 
     # --------------------------------------------------------------- language
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.hf.model.text_model.get_input_embeddings()(input_ids)
+        return self.language_model.get_input_embeddings()(input_ids)
 
     def decode(
         self,
@@ -138,7 +157,7 @@ class SmolVLMBackbone(nn.Module):
         use_cache=False,
         position_ids=None,
     ):
-        out = self.hf.model.text_model(
+        out = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             past_key_values=past_key_values,
@@ -153,11 +172,43 @@ class SmolVLMBackbone(nn.Module):
 
     def module_groups(self) -> dict[str, nn.Module]:
         return {
-            "vision": self.hf.model.vision_model,
-            "connector": self.hf.model.connector,
-            "lm": self.hf.model.text_model,
+            "vision": self.vision,
+            "connector": self.connector,
+            "lm": self.language_model,
             "lm_head": self.hf.lm_head,
         }
+
+    def cache_identity(self) -> dict:
+        """What the cached features depend on besides k and the frame size: the tower's shape."""
+        return self.hf.config.vision_config.to_dict()
+
+    def shape(self) -> BackboneShape:
+        return BackboneShape.of(self.hf.config)
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    """The sizes the memory estimates need (see :mod:`dst_train.tune.worst_case`)."""
+
+    lm_layers: int
+    lm_hidden: int
+    vocab_size: int
+    vision_layers: int
+    vision_hidden: int
+    patch_size: int  # pixels
+
+    @classmethod
+    def of(cls, config) -> BackboneShape:
+        """From a transformers VLM config (both families have text_config/vision_config)."""
+        t, v = config.text_config, config.vision_config
+        return cls(
+            lm_layers=t.num_hidden_layers,
+            lm_hidden=t.hidden_size,
+            vocab_size=t.vocab_size,
+            vision_layers=v.num_hidden_layers,
+            vision_hidden=v.hidden_size,
+            patch_size=v.patch_size,
+        )
 
 
 def check_tokens_per_frame(k: int, grid: int, scale: int) -> int:
@@ -184,17 +235,48 @@ def pool_patches(hidden: torch.Tensor, grid: int, pooled: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(n, pooled * pooled, d)
 
 
+class FrameProcessor(Protocol):
+    """A family's frame preprocessing: one frame → one ``image_size``² image, no tiling."""
+
+    image_size: int  # pixels per side of the processed frame
+
+    def __call__(self, images: list) -> torch.Tensor:
+        """PIL images → (N, 3, S, S) float pixels (N may be 0)."""
+
+    def save_pretrained(self, folder: str | Path) -> None: ...
+
+
 # ------------------------------------------------------------------ loading
+def family(model_type: str):
+    """The module of the family whose transformers config has ``model_type``."""
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model_type {model_type!r} has no dst-train backbone; known: {', '.join(FAMILIES)}"
+        )
+    return importlib.import_module(FAMILIES[model_type])
+
+
+def family_of(arch: str):
+    """The family module of an architecture name, model folder or hub id."""
+    return family(arch_config(arch).model_type)
+
+
+def make_backbone(hf_model, tokens_per_frame: int = 1, vision_chunk: int = 64) -> VLMBackbone:
+    """The :class:`Backbone` over a loaded transformers model, of the model's family."""
+    fam = family(hf_model.config.model_type)
+    return fam.Backbone(hf_model, tokens_per_frame, vision_chunk)
+
+
 def arch_config(arch: str):
-    """A SmolVLM config from an architecture name, a model folder, or a hub id."""
-    from transformers import AutoConfig, SmolVLMConfig
+    """A transformers config from an architecture name, ``tiny``, a model folder or a hub id."""
+    from transformers import AutoConfig
 
     if arch in ARCHS:
         raw = json.loads((CONFIG_DIR / ARCHS[arch][0]).read_text())
         raw.pop("_comment", None)
-        return SmolVLMConfig(**raw)
+        return family(raw["model_type"]).config_class()(**raw)
     if arch == "tiny":
-        from dst_train.model.tiny import tiny_config
+        from dst_train.model.smolvlm import tiny_config
 
         return tiny_config()
     return AutoConfig.from_pretrained(arch)
@@ -210,14 +292,14 @@ def load_hf_model(
 ):
     """transformers model: real weights (folder or hub id) when ``pretrained``, else random init
     from the architecture (a name, or a folder's config.json)."""
-    from transformers import SmolVLMForConditionalGeneration
-
+    config = arch_config(arch)
+    model_class = family(config.model_type).model_class()
     if pretrained:
         if arch in ARCHS:
             arch = ARCHS[arch][1]  # hub id: works when the user has the weights cached
         elif arch != "tiny" and Path(arch).exists() and not has_weights(arch):
             raise FileNotFoundError(f"{arch}: no weights (*.safetensors) in this model folder")
-        model, info = SmolVLMForConditionalGeneration.from_pretrained(
+        model, info = model_class.from_pretrained(
             arch,
             dtype=dtype,
             attn_implementation=attention,
@@ -228,11 +310,8 @@ def load_hf_model(
         if missing:  # transformers would silently leave these randomly initialised
             raise ValueError(f"{arch}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
         return model
-    config = arch_config(arch)
     # _from_config honours a live HfDeepSpeedConfig (ZeRO-3: weights partitioned at construction)
-    return SmolVLMForConditionalGeneration._from_config(
-        config, dtype=dtype, attn_implementation=attention
-    )
+    return model_class._from_config(config, dtype=dtype, attn_implementation=attention)
 
 
 def model_source(arch: str) -> str:
@@ -246,10 +325,6 @@ def load_tokenizer(arch: str):
     return AutoTokenizer.from_pretrained(model_source(arch))
 
 
-def load_image_processor(arch: str):
-    """The PIL image processor (the default fast one needs torchvision), one image per frame."""
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-
-    proc = SmolVLMImageProcessorPil.from_pretrained(model_source(arch))
-    proc.do_image_splitting = False
-    return proc
+def load_image_processor(arch: str) -> FrameProcessor:
+    """The family's frame processor, configured from the model folder (or hub id)."""
+    return family_of(arch).load_frame_processor(model_source(arch))

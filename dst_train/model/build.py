@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dst_train.config import ModelConfig
-from dst_train.model.backbone import SmolVLMBackbone, load_hf_model
+from dst_train.model.backbone import family_of, load_hf_model, make_backbone
 from dst_train.model.dst_model import DSTModel, HeadConfig
 from dst_train.model.precision import DTYPES, device_capability, select_precision
 
@@ -42,7 +42,7 @@ def build_model(mcfg: ModelConfig, heads: HeadConfig, precision: Precision) -> D
     call it under ``torch.device("meta")`` to count parameters without memory)."""
     quant = None
     if mcfg.qlora:
-        quant = qlora_config(precision.torch_dtype)
+        quant = qlora_config(precision.torch_dtype, family_of(mcfg.arch).QUANT_SKIP)
     hf = load_hf_model(
         mcfg.arch,
         mcfg.pretrained,
@@ -50,7 +50,7 @@ def build_model(mcfg: ModelConfig, heads: HeadConfig, precision: Precision) -> D
         precision.attention,
         quantization_config=quant,
     )
-    model = DSTModel(SmolVLMBackbone(hf, heads.tokens_per_frame, mcfg.vision_chunk_frames), heads)
+    model = DSTModel(make_backbone(hf, heads.tokens_per_frame, mcfg.vision_chunk_frames), heads)
     for head in (model.speak_head, model.update_head):
         head.to(precision.torch_dtype)
     if mcfg.qlora:
@@ -74,10 +74,10 @@ def enable_checkpointing(hf, reentrant: bool) -> None:
         hf.enable_input_require_grads()  # reentrant checkpoints need an input that has grad
 
 
-def qlora_config(compute_dtype: torch.dtype):
-    """nf4 weights with double quantization for the LM trunk (the QLoRA recipe); the vision
-    tower, connector and lm_head stay in ``compute_dtype``. bitsandbytes runs 4-bit layers on the
-    CPU too (slowly), which is how the tests train it."""
+def qlora_config(compute_dtype: torch.dtype, skip: list[str]):
+    """nf4 weights with double quantization for the LM trunk (the QLoRA recipe); the modules in
+    ``skip`` (the family's vision tower, connector and lm_head) stay in ``compute_dtype``.
+    bitsandbytes runs 4-bit layers on the CPU too (slowly), which is how the tests train it."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -85,9 +85,7 @@ def qlora_config(compute_dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=True,
-        # full module paths: transformers 5 matches these from the start of the name (or as a
-        # suffix), so "vision_model" alone matched nothing and the tower was quantized too
-        llm_int8_skip_modules=["model.vision_model", "model.connector", "lm_head"],
+        llm_int8_skip_modules=list(skip),
     )
 
 
@@ -123,10 +121,11 @@ def set_trainable(model: DSTModel, mcfg: ModelConfig) -> None:
 
 
 def add_lora(model: DSTModel, mcfg: ModelConfig) -> None:
-    """LoRA adapters on the LM trunk's linear layers (peft); replaces ``text_model`` in place."""
+    """LoRA adapters on the LM trunk's linear layers (peft); replaces the backbone's
+    ``language_model`` in place."""
     from peft import LoraConfig, get_peft_model
 
-    hf = model.backbone.hf
+    backbone = model.backbone
     config = LoraConfig(
         r=mcfg.lora_r,
         lora_alpha=mcfg.lora_alpha,
@@ -134,14 +133,22 @@ def add_lora(model: DSTModel, mcfg: ModelConfig) -> None:
         target_modules=list(mcfg.lora_targets),
         bias="none",
     )
-    hf.model.text_model = get_peft_model(hf.model.text_model, config)
+    backbone.set_language_model(get_peft_model(backbone.language_model, config))
 
 
 def merge_lora(model: DSTModel) -> None:
     """Fold LoRA adapters into the LM weights (for a plain transformers checkpoint)."""
-    hf = model.backbone.hf
-    if hasattr(hf.model.text_model, "merge_and_unload"):
-        hf.model.text_model = hf.model.text_model.merge_and_unload()
+    backbone = model.backbone
+    if hasattr(backbone.language_model, "merge_and_unload"):
+        backbone.set_language_model(backbone.language_model.merge_and_unload())
+
+
+def save_lora_adapter(model: DSTModel, folder) -> None:
+    """Write the LoRA adapter as a peft folder, then take the LoRA layers out of the model
+    (weights left unmerged), so the backbone saves as the plain base model."""
+    backbone = model.backbone
+    backbone.language_model.save_pretrained(folder)
+    backbone.set_language_model(backbone.language_model.unload())
 
 
 def group_of(name: str) -> str:
@@ -150,10 +157,10 @@ def group_of(name: str) -> str:
         return "lora"
     if name.startswith(("speak_head", "update_head")):
         return "heads"
-    if ".vision_model." in name:
-        return "vision"
-    if ".connector." in name:
+    if ".connector." in name or ".visual.merger." in name:  # SmolVLM, Qwen-VL
         return "connector"
+    if ".vision_model." in name or ".visual." in name:
+        return "vision"
     if ".lm_head." in name:
         return "lm_head"
     return "lm"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dst_train.data.sequence import DST, RESPONSE
-from dst_train.model.backbone import SmolVLMBackbone
+from dst_train.model.backbone import Backbone
 from dst_train.model.heads import DecisionHead
 from dst_train.model.losses import binary_focal_loss, token_loss
 
@@ -59,7 +59,7 @@ def check_model_folder(folder: str | Path) -> Path:
 
 
 class DSTModel(nn.Module):
-    def __init__(self, backbone: SmolVLMBackbone, cfg: HeadConfig):
+    def __init__(self, backbone: Backbone, cfg: HeadConfig):
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg
@@ -150,12 +150,12 @@ class DSTModel(nn.Module):
         """Backbone with plain transformers, then our heads from ``dst_heads.safetensors``."""
         from safetensors.torch import load_file
 
-        from dst_train.model.backbone import load_hf_model
+        from dst_train.model.backbone import load_hf_model, make_backbone
 
         folder = check_model_folder(folder)
         cfg = HeadConfig(**json.loads((folder / CONFIG_FILE).read_text()))
         hf = load_hf_model(str(folder), pretrained=True, dtype=dtype, attention=attention)
-        model = cls(SmolVLMBackbone(hf, cfg.tokens_per_frame), cfg)
+        model = cls(make_backbone(hf, cfg.tokens_per_frame), cfg)
         missing, unexpected = model.load_state_dict(
             load_file(str(folder / HEADS_FILE)), strict=False
         )

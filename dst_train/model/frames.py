@@ -46,16 +46,7 @@ class FramePixels:
     def load(self, frames_file: str, frames: list[int]) -> torch.Tensor:
         reader = self.reader(frames_file)
         images = [img for a, b in _runs(frames) for img in reader.images(a, b)]
-        return pixels(self.processor, images)
-
-
-def pixels(processor, images: list) -> torch.Tensor:
-    """PIL images → ``(N, 3, S, S)`` float tensor (one image per frame, no splitting)."""
-    if not images:
-        size = processor.max_image_size["longest_edge"]
-        return torch.zeros(0, 3, size, size)
-    out = processor([[im] for im in images], return_tensors="pt")
-    return out["pixel_values"][:, 0]
+        return self.processor(images)
 
 
 def cache_key(arch_config: dict, tokens_per_frame: int, image_size: int) -> str:
@@ -135,7 +126,7 @@ def build_feature_cache(
         tmp = path.with_suffix(".arrow.tmp")
         writer = None
         for a in range(0, len(reader), batch_size):
-            px = pixels(image_processor, reader.images(a, min(a + batch_size, len(reader))))
+            px = image_processor(reader.images(a, min(a + batch_size, len(reader))))
             feats = backbone.frame_features(px.to(device)).to(torch.float16).cpu().numpy()
             if writer is None:
                 shape = tuple(feats.shape[1:])
@@ -152,9 +143,7 @@ def build_feature_cache(
 
 
 def backbone_cache_key(backbone, image_size: int) -> str:
-    return cache_key(
-        backbone.hf.config.vision_config.to_dict(), backbone.tokens_per_frame, image_size
-    )
+    return cache_key(backbone.cache_identity(), backbone.tokens_per_frame, image_size)
 
 
 def cache_dataset_features(cfg, out: str | Path, batch_size: int = 64) -> Path:
@@ -173,7 +162,7 @@ def cache_dataset_features(cfg, out: str | Path, batch_size: int = 64) -> Path:
     processor = load_image_processor(cfg.model.arch)
     paths = DatasetPaths.from_root(cfg.data.root)
     files = [c.frames_file for p in paths.prepared for c in read_prepared(p)]
-    key = backbone_cache_key(model.backbone, processor.max_image_size["longest_edge"])
+    key = backbone_cache_key(model.backbone, processor.image_size)
     return build_feature_cache(
         model.backbone, cfg.data.root, files, out, processor, key, batch_size, device
     )

@@ -37,8 +37,7 @@ GiB = 2**30
 
 def sample_cost(cfg: RunConfig, s: dict) -> SampleCost:
     """The byte estimate that ranks samples, for the run ``s`` (trainer.setup's pieces)."""
-    size = s["processor"].max_image_size["longest_edge"]
-    return SampleCost.for_run(cfg, s["model"].backbone.hf.config, size)
+    return SampleCost.for_run(cfg, s["model"].backbone.shape(), s["processor"].image_size)
 
 
 def worst_case_index(dataset, cost: SampleCost) -> int:

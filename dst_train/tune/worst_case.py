@@ -31,20 +31,19 @@ class SampleCost:
         return tokens * self.per_token + frames * self.per_frame + labels * self.per_label
 
     @classmethod
-    def for_run(cls, cfg, arch, image_size: int) -> SampleCost:
-        """From the run config, the transformers config ``arch`` (text_config/vision_config)
-        and the side of a frame in pixels."""
-        text, vision = arch.text_config, arch.vision_config
+    def for_run(cls, cfg, shape, image_size: int) -> SampleCost:
+        """From the run config, the backbone's sizes (a
+        :class:`~dst_train.model.backbone.BackboneShape`) and the side of a frame in pixels."""
         per_unit = CHECKPOINTED_BYTES if cfg.model.gradient_checkpointing else ACT_BYTES
-        per_token = text.num_hidden_layers * text.hidden_size * per_unit
+        per_token = shape.lm_layers * shape.lm_hidden * per_unit
         if cfg.data.feature_cache:  # cached tower outputs: k embeddings per frame, 16-bit
-            per_frame = cfg.model.tokens_per_frame * vision.hidden_size * 2
+            per_frame = cfg.model.tokens_per_frame * shape.vision_hidden * 2
         else:
             per_frame = 3 * image_size * image_size * 4  # the frame's fp32 pixels
             if not cfg.model.freeze_vision:  # a training tower keeps its activations
-                patches = (image_size // vision.patch_size) ** 2
-                per_frame += patches * vision.num_hidden_layers * vision.hidden_size * per_unit
-        return cls(per_token, per_frame, text.vocab_size * LOGIT_BYTES)
+                patches = (image_size // shape.patch_size) ** 2
+                per_frame += patches * shape.vision_layers * shape.vision_hidden * per_unit
+        return cls(per_token, per_frame, shape.vocab_size * LOGIT_BYTES)
 
 
 def labelled_positions(sample) -> int:

@@ -12,13 +12,13 @@ from tests.conftest import tiny_run_config
 from tests.engine.helpers import base_overrides, run_training
 
 
-def test_lora_run_converts_merged_or_as_adapter(demo_root, tiny_model_dir, tmp_path):
+def test_lora_run_converts_merged_or_as_adapter(demo_root, tiny_family_dir, tmp_path):
     from peft import PeftModel
 
     out = tmp_path / "run"
     run_training(
         [
-            *base_overrides(demo_root, tiny_model_dir, out),
+            *base_overrides(demo_root, tiny_family_dir, out),
             "model.lora=true",
             "model.lora_r=4",
             "train.max_steps=3",
@@ -33,11 +33,12 @@ def test_lora_run_converts_merged_or_as_adapter(demo_root, tiny_model_dir, tmp_p
     assert main(["convert", str(out), str(tmp_path / "adapter"), "--keep-adapter"]) == 0
     assert (tmp_path / "adapter" / "lora_adapter" / "adapter_config.json").is_file()
     base = DSTModel.from_pretrained(tmp_path / "adapter")
-    hf = base.backbone.hf
-    hf.model.text_model = PeftModel.from_pretrained(
-        hf.model.text_model, tmp_path / "adapter" / "lora_adapter"
+    base.backbone.set_language_model(
+        PeftModel.from_pretrained(
+            base.backbone.language_model, tmp_path / "adapter" / "lora_adapter"
+        )
     )
-    cfg = tiny_run_config(demo_root, tiny_model_dir)
+    cfg = tiny_run_config(demo_root, tiny_family_dir)
     tok = load_tokenizer(cfg.model.arch)
     ds = make_dataset(cfg, "train", tok, merged.backbone, load_image_processor(cfg.model.arch))
     batch = make_collate(tok.pad_token_id, False)([ds[0]])

@@ -15,12 +15,12 @@ from tests.engine.helpers import REPO, base_overrides, run_training
 QLORA = ["model.lora=true", "model.qlora=true"]
 
 
-def test_only_the_language_model_trunk_is_4bit_and_prepared(demo_root, tiny_model_dir):
+def test_only_the_language_model_trunk_is_4bit_and_prepared(demo_root, tiny_family_dir):
     import bitsandbytes as bnb
 
-    from dst_train.model.build import build_model, resolve_precision
+    from dst_train.model.build import build_model, group_of, resolve_precision
 
-    cfg = tiny_run_config(demo_root, tiny_model_dir, *QLORA, "model.cpu_dtype=bf16")
+    cfg = tiny_run_config(demo_root, tiny_family_dir, *QLORA, "model.cpu_dtype=bf16")
     model = build_model(cfg.model, cfg.head_config(), resolve_precision(cfg.model, None))
     hf = model.backbone.hf
     assert hf.is_loaded_in_4bit
@@ -36,7 +36,7 @@ def test_only_the_language_model_trunk_is_4bit_and_prepared(demo_root, tiny_mode
     norms = [p for n, p in groups["lm"].named_parameters() if "norm" in n]
     assert norms and all(p.dtype == torch.float32 for p in norms)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or "head" in n or "connector" in n for n in trainable)
+    assert trainable and {group_of(n) for n in trainable} == {"lora", "heads", "connector"}
 
 
 def test_qlora_under_zero3_or_without_pretrained_weights_is_refused(demo_root, tiny_model_dir):

@@ -10,8 +10,11 @@ from tests.conftest import tiny_run_config
 
 
 @torch.no_grad()
-def test_rows_match_their_own_stream_through_restart_compaction_and_take(demo_root, tiny_model_dir):
-    cfg = tiny_run_config(demo_root, tiny_model_dir)
+def test_rows_match_their_own_stream_through_restart_compaction_and_take(
+    demo_root, tiny_family_dir
+):
+    # both families: Qwen's multimodal RoPE gets the per-row positions on all three axes
+    cfg = tiny_run_config(demo_root, tiny_family_dir)
     torch.manual_seed(0)
     backbone = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa")).backbone.eval()
     streams: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}

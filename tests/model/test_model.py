@@ -10,7 +10,13 @@ from dst_train.model.backbone import (
     load_tokenizer,
     pool_patches,
 )
-from dst_train.model.build import Precision, build_model, parameter_counts, resolve_precision
+from dst_train.model.build import (
+    Precision,
+    build_model,
+    group_of,
+    parameter_counts,
+    resolve_precision,
+)
 from dst_train.model.dst_model import DSTModel
 from dst_train.model.frames import backbone_cache_key, build_feature_cache
 from dst_train.model.info import model_info
@@ -31,8 +37,8 @@ def _setup(demo_root, tiny_model_dir, *overrides, n=2):
     return cfg, model, batch
 
 
-def test_forward_returns_every_loss_and_grads_reach_the_heads(demo_root, tiny_model_dir):
-    _, model, batch = _setup(demo_root, tiny_model_dir)
+def test_forward_returns_every_loss_and_grads_reach_the_heads(demo_root, tiny_family_dir):
+    _, model, batch = _setup(demo_root, tiny_family_dir)
     out = model(**batch)
     for name in ("speak_loss", "update_loss", "response_loss", "dst_loss"):
         assert out[name].dtype == torch.float32 and out[name].item() > 0
@@ -44,9 +50,11 @@ def test_forward_returns_every_loss_and_grads_reach_the_heads(demo_root, tiny_mo
     out["loss"].backward()
     for head in (model.speak_head, model.update_head):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
-    conn = model.backbone.hf.model.connector
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in conn.parameters())
-    assert all(p.grad is None for p in model.backbone.hf.model.vision_model.parameters())
+    groups = model.backbone.module_groups()
+    conn = list(groups["connector"].parameters())
+    assert conn and all(p.grad is not None and p.grad.abs().sum() > 0 for p in conn)
+    vision = list(groups["vision"].parameters())
+    assert vision and all(p.grad is None for p in vision)
 
 
 def test_loss_weights_and_bce_option(demo_root, tiny_model_dir):
@@ -65,11 +73,12 @@ def _trainable(model):
     return {g: c["trainable"] for g, c in parameter_counts(model).items()}
 
 
-def test_freeze_and_lora_change_exactly_the_trainable_parts(tiny_model_dir):
+def test_freeze_and_lora_change_exactly_the_trainable_parts(tiny_family_dir):
     def build(**kw):
-        return build_model(ModelConfig(arch=str(tiny_model_dir), **kw), tiny_head(), FP32)
+        return build_model(ModelConfig(arch=str(tiny_family_dir), **kw), tiny_head(), FP32)
 
     counts = parameter_counts(build())
+    assert all(counts[g]["total"] > 0 for g in ("vision", "connector", "lm", "lm_head", "heads"))
     t = _trainable(build())  # default: vision frozen, everything else trains
     assert t["vision"] == 0 and t["connector"] == counts["connector"]["total"]
     assert t["lm"] == counts["lm"]["total"] and t["heads"] == counts["heads"]["total"]
@@ -81,7 +90,12 @@ def test_freeze_and_lora_change_exactly_the_trainable_parts(tiny_model_dir):
     assert t["lm"] == 0 and t["lm_head"] == 0 and t["vision"] == 0
     assert t["lora"] > 0 and t["connector"] == counts["connector"]["total"] and t["heads"] > 0
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert all("lora_" in n or "connector" in n or "_head." in n for n in names)
+    assert {group_of(n) for n in names} == {"lora", "connector", "heads"}
+    groups = model.backbone.module_groups()  # the groups the flags act on = the counted ones
+    for name in ("vision", "connector"):
+        assert sum(p.numel() for p in groups[name].parameters()) == counts[name]["total"]
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert all(id(p) in named for p in groups["vision"].parameters())  # the model's own tensors
 
 
 def tiny_head():
@@ -90,11 +104,11 @@ def tiny_head():
     return HeadConfig()
 
 
-def test_gradient_checkpointing_gives_the_same_loss(demo_root, tiny_model_dir):
-    _, plain, batch = _setup(demo_root, tiny_model_dir)
+def test_gradient_checkpointing_gives_the_same_loss(demo_root, tiny_family_dir):
+    _, plain, batch = _setup(demo_root, tiny_family_dir)
     _, ckpt, _ = _setup(
         demo_root,
-        tiny_model_dir,
+        tiny_family_dir,
         "model.gradient_checkpointing=true",
         "model.gradient_checkpointing_reentrant=true",
     )
@@ -102,11 +116,11 @@ def test_gradient_checkpointing_gives_the_same_loss(demo_root, tiny_model_dir):
     a, b = plain(**batch)["loss"], ckpt(**batch)["loss"]
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
     b.backward()
-    assert ckpt.backbone.hf.model.text_model.layers[0].mlp.up_proj.weight.grad is not None
+    assert ckpt.backbone.language_model.layers[0].mlp.up_proj.weight.grad is not None
 
 
-def test_cached_features_equal_the_online_path(demo_root, tiny_model_dir, tmp_path):
-    cfg, model, batch = _setup(demo_root, tiny_model_dir, "model.tokens_per_frame=1")
+def test_cached_features_equal_the_online_path(demo_root, tiny_family_dir, tmp_path):
+    cfg, model, batch = _setup(demo_root, tiny_family_dir, "model.tokens_per_frame=1")
     proc = load_image_processor(cfg.model.arch)
     files = [
         s.frames_file
@@ -114,14 +128,14 @@ def test_cached_features_equal_the_online_path(demo_root, tiny_model_dir, tmp_pa
             cfg, "train", load_tokenizer(cfg.model.arch), model.backbone, proc
         ).samples[:2]
     ]
-    key = backbone_cache_key(model.backbone, 32)
+    key = backbone_cache_key(model.backbone, proc.image_size)
     build_feature_cache(
         model.backbone, demo_root, files, tmp_path / "cache", proc, key, batch_size=16
     )
-    _, _, cached = _setup(demo_root, tiny_model_dir, f"data.feature_cache={tmp_path / 'cache'}")
+    _, _, cached = _setup(demo_root, tiny_family_dir, f"data.feature_cache={tmp_path / 'cache'}")
     assert "pixel_values" not in cached and cached["frame_features"].dtype == torch.float16
     online = model(**batch)
-    vision = model.backbone.hf.model.vision_model
+    vision = model.backbone.vision
     calls = []
     handle = vision.register_forward_hook(lambda *a: calls.append(1))
     offline = model(**cached)
@@ -154,8 +168,8 @@ def test_tokens_per_frame_pooling():
         check_tokens_per_frame(100, 27, 3)
 
 
-def test_save_and_load_roundtrip(demo_root, tiny_model_dir, tmp_path):
-    _, model, batch = _setup(demo_root, tiny_model_dir)
+def test_save_and_load_roundtrip(demo_root, tiny_family_dir, tmp_path):
+    _, model, batch = _setup(demo_root, tiny_family_dir)
     with torch.no_grad():
         model.speak_head.net[-1].bias.fill_(0.3)
     model.backbone.hf.save_pretrained(tmp_path)
@@ -167,7 +181,7 @@ def test_save_and_load_roundtrip(demo_root, tiny_model_dir, tmp_path):
     for k in ("loss", "speak_logits", "update_logits"):
         torch.testing.assert_close(a[k], b[k])
     with pytest.raises(FileNotFoundError, match="not a dst-train model folder"):
-        DSTModel.from_pretrained(tiny_model_dir)
+        DSTModel.from_pretrained(tiny_family_dir)
     # a heads file that lacks a head's weight, or has one the model does not: refused by name
     from safetensors.torch import load_file, save_file
 
@@ -270,14 +284,14 @@ def test_memory_table_partly_frozen_by_hand():
     assert fp32["zero2"].gpu_gib == pytest.approx(16 + 12 / 4)  # 4 B weights, 4 + 8 per trainable
 
 
-def test_step_flops_count_each_weight_as_it_is_used(tiny_model_dir):
+def test_step_flops_count_each_weight_as_it_is_used(tiny_family_dir):
     """MFU's numerator: 6 FLOPs per trained weight per token, 4 per frozen LM weight (forward
     + input gradient), 2 per frozen tower weight per patch, none for embedding tables; ZeRO-3's
     empty local tensors count at full size."""
     from dst_train.model.info import step_flops
 
     def build(**kw):
-        return build_model(ModelConfig(arch=str(tiny_model_dir), **kw), tiny_head(), FP32)
+        return build_model(ModelConfig(arch=str(tiny_family_dir), **kw), tiny_head(), FP32)
 
     model = build()  # vision frozen, the rest trains
     named = dict(model.named_parameters())
@@ -285,12 +299,12 @@ def test_step_flops_count_each_weight_as_it_is_used(tiny_model_dir):
     c = parameter_counts(model)
     per_token = c["lm"]["total"] + c["lm_head"]["total"] + c["heads"]["total"] - embed
     assert step_flops(model, 10, 0, 1) == 6 * 10 * per_token  # text only: all trained
-    grid = model.backbone.grid
+    patches = model.backbone.grid**2  # per frame: 4×4 (SmolVLM), 8×8 (Qwen)
     vision = c["vision"]["total"] - sum(
         p.numel() for n, p in named.items() if "position_embedding" in n
     )
     frames_only = step_flops(model, 0, 3, 1)
-    assert frames_only == 2 * 3 * grid**2 * vision + 6 * 3 * c["connector"]["total"]
+    assert frames_only == 2 * 3 * patches * vision + 6 * 3 * c["connector"]["total"]
     frozen = build(freeze_lm=True, freeze_connector=True)  # the LM now counts 4, not 6
     lm = c["lm"]["total"] + c["lm_head"]["total"] - embed
     assert step_flops(frozen, 10, 0, 1) == 10 * (4 * lm + 6 * c["heads"]["total"])

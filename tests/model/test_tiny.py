@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from dst_train.cli import main
 
 
@@ -24,30 +26,35 @@ def test_tiny_model_refuses_a_hidden_size_heads_cannot_split(demo_root, tmp_path
     assert not (tmp_path / "m").exists()
 
 
-def test_arch_folder_has_the_real_shapes_and_a_working_tokenizer(demo_root, tmp_path):
+@pytest.mark.parametrize("arch", ["smolvlm2-256m", "qwen2.5-vl-3b"])
+def test_arch_folder_has_the_real_shapes_and_a_working_tokenizer(demo_root, tmp_path, arch):
     """`make-tiny-model --arch`: the named architecture offline — real vocabulary size, the image
     token where the config says, text round-trips, and the parameter count of the real model."""
     from dst_train.config import ModelConfig
-    from dst_train.model.backbone import arch_config, load_image_processor, load_tokenizer
+    from dst_train.model.backbone import (
+        arch_config,
+        family_of,
+        load_image_processor,
+        load_tokenizer,
+    )
     from dst_train.model.info import model_info
 
     out = tmp_path / "m"
     args = ["make-tiny-model", "--data", str(demo_root), "--out", str(out)]
-    assert main([*args, "--arch", "smolvlm2-256m"]) == 0
+    assert main([*args, "--arch", arch]) == 0
     assert not list(out.glob("*.safetensors"))  # random init: model.pretrained=false
-    config, real = arch_config(str(out)), arch_config("smolvlm2-256m")
+    config, real, fam = arch_config(str(out)), arch_config(arch), family_of(arch)
     tok = load_tokenizer(str(out))
     assert len(tok) == config.text_config.vocab_size == real.text_config.vocab_size
-    assert tok.convert_tokens_to_ids("<image>") == config.image_token_id
+    assert tok.convert_tokens_to_ids(fam.CHAT.image) == config.image_token_id
     assert config.text_config.pad_token_id == tok.pad_token_id
     text = "pick up the red screwdriver and tighten the wheel"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     assert max(ids) < 1024  # encoding never produces the filler tokens
-    size = load_image_processor(str(out)).size["longest_edge"]
-    assert size == real.vision_config.image_size
+    assert load_image_processor(str(out)).image_size == fam.frame_size(real)
     ours = model_info(ModelConfig(arch=str(out), pretrained=False))["parameters"]
-    assert ours == model_info(ModelConfig(arch="smolvlm2-256m", pretrained=False))["parameters"]
+    assert ours == model_info(ModelConfig(arch=arch, pretrained=False))["parameters"]
 
 
 def test_arch_folder_refuses_an_unknown_architecture(demo_root, tmp_path, capsys):

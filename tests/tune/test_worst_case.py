@@ -3,12 +3,12 @@
 from types import SimpleNamespace
 
 from dst_train.config import load_config
-from dst_train.model.backbone import arch_config
+from dst_train.model.backbone import BackboneShape, arch_config
 from dst_train.tune.autotune import cache_key, choose_worst_case, worst_case_index
 from dst_train.tune.search import Probe
 from dst_train.tune.worst_case import SampleCost, worst_case_candidates
 
-ARCH = arch_config("smolvlm2-2.2b")
+ARCH = BackboneShape.of(arch_config("smolvlm2-2.2b"))
 SIZE = 384  # SmolVLM2's frame side in pixels
 
 
@@ -86,15 +86,15 @@ def test_the_cache_key_changes_with_the_global_batch():
 
 def test_the_cost_model_of_each_memory_option():
     """SmolVLM2-2.2B: 24 LM layers × 2048, tower 27 layers × 1152 on 27² patches, 49 280 vocab."""
-    text, vision = ARCH.text_config, ARCH.vision_config
-    lm = text.num_hidden_layers * text.hidden_size
-    assert (lm, text.vocab_size) == (24 * 2048, 49280)
-    tower = (SIZE // vision.patch_size) ** 2 * vision.num_hidden_layers * vision.hidden_size
+    lm = ARCH.lm_layers * ARCH.lm_hidden
+    assert (lm, ARCH.vocab_size) == (24 * 2048, 49280)
+    assert (ARCH.vision_layers, ARCH.vision_hidden, ARCH.patch_size) == (27, 1152, 14)
+    tower = (SIZE // ARCH.patch_size) ** 2 * ARCH.vision_layers * ARCH.vision_hidden
     pixels = 3 * SIZE * SIZE * 4
     frozen = _cost()  # the defaults: frozen tower online, no checkpointing
     assert (frozen.per_token, frozen.per_frame, frozen.per_label) == (34 * lm, pixels, 12 * 49280)
     assert _cost("model.gradient_checkpointing=true").per_token == 2 * lm
     assert _cost("model.freeze_vision=false").per_frame == pixels + 34 * tower
     cached = _cost("data.feature_cache=/cache", "model.tokens_per_frame=4")
-    assert cached.per_frame == 4 * vision.hidden_size * 2
+    assert cached.per_frame == 4 * ARCH.vision_hidden * 2
     assert frozen.of(10, 2, 3) == 10 * 34 * lm + 2 * pixels + 3 * 12 * 49280
