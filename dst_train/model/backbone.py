@@ -90,8 +90,9 @@ class Backbone(Protocol):
 class VLMBackbone(nn.Module):
     """What the families share: a transformers VLM whose parts are ``vision``, ``connector``,
     ``language_model`` (the LM trunk, replaceable: ``set_language_model``) and ``lm_head``. A family
-    defines those properties, ``patches_per_frame``, and ``_features`` (one vision-tower call:
-    pixels → pooled features)."""
+    defines those properties, ``patches_per_frame``, ``native_tokens_per_frame``, ``merge``
+    (patch-grid side per LM-token side) and ``_features`` (one vision-tower call: pixels → pooled
+    features)."""
 
     chat: ChatFormat
 
@@ -183,7 +184,7 @@ class VLMBackbone(nn.Module):
         return self.hf.config.vision_config.to_dict()
 
     def shape(self) -> BackboneShape:
-        return BackboneShape.of(self.hf.config)
+        return BackboneShape.of(self.hf.config, self.merge)
 
 
 @dataclass(frozen=True)
@@ -196,12 +197,14 @@ class BackboneShape:
     vision_layers: int
     vision_hidden: int
     patch_size: int  # pixels
+    merge: int  # patch-grid side per LM-token side (pixel-shuffle scale, Qwen's spatial merge)
 
     @classmethod
-    def of(cls, config) -> BackboneShape:
+    def of(cls, config, merge: int) -> BackboneShape:
         """From a transformers VLM config (both families have text_config/vision_config)."""
         t, v = config.text_config, config.vision_config
         return cls(
+            merge=merge,
             lm_layers=t.num_hidden_layers,
             lm_hidden=t.hidden_size,
             vocab_size=t.vocab_size,

@@ -40,7 +40,7 @@ class SmolVLMBackbone(VLMBackbone):
     def __init__(self, hf_model, tokens_per_frame: int = 1, vision_chunk: int = 64):
         super().__init__(hf_model, tokens_per_frame, vision_chunk)
         cfg = hf_model.config
-        self.scale = cfg.scale_factor
+        self.scale = self.merge = cfg.scale_factor  # patch-grid side per token side
         self.grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
         self.patches_per_frame = self.grid**2
         self.native_tokens_per_frame = (self.grid // self.scale) ** 2

@@ -36,8 +36,8 @@ class SampleCost:
         :class:`~dst_train.model.backbone.BackboneShape`) and the side of a frame in pixels."""
         per_unit = CHECKPOINTED_BYTES if cfg.model.gradient_checkpointing else ACT_BYTES
         per_token = shape.lm_layers * shape.lm_hidden * per_unit
-        if cfg.data.feature_cache:  # cached tower outputs: k embeddings per frame, 16-bit
-            per_frame = cfg.model.tokens_per_frame * shape.vision_hidden * 2
+        if cfg.data.feature_cache:  # cached pooled tower outputs: (merge·√k)² patches, 16-bit
+            per_frame = shape.merge**2 * cfg.model.tokens_per_frame * shape.vision_hidden * 2
         else:
             per_frame = 3 * image_size * image_size * 4  # the frame's fp32 pixels
             if not cfg.model.freeze_vision:  # a training tower keeps its activations

@@ -52,6 +52,7 @@ def test_native_k_gives_the_vision_towers_own_tokens(hf, frames):
     patches, grid = backbone.patches(pixels)
     theirs = hf.model.visual(hidden_states=patches, grid_thw=grid).pooler_output
     assert ours.shape == (3, 16, backbone.hidden_size)
+    assert backbone.shape().merge == 2  # the autotuner's feature-cache estimate: 4k patches
     torch.testing.assert_close(ours.reshape(-1, ours.shape[-1]), theirs)
 
 

@@ -8,7 +8,7 @@ from dst_train.tune.autotune import cache_key, choose_worst_case, worst_case_ind
 from dst_train.tune.search import Probe
 from dst_train.tune.worst_case import SampleCost, worst_case_candidates
 
-ARCH = BackboneShape.of(arch_config("smolvlm2-2.2b"))
+ARCH = BackboneShape.of(arch_config("smolvlm2-2.2b"), merge=3)  # pixel-shuffle scale 3
 SIZE = 384  # SmolVLM2's frame side in pixels
 
 
@@ -95,6 +95,7 @@ def test_the_cost_model_of_each_memory_option():
     assert (frozen.per_token, frozen.per_frame, frozen.per_label) == (34 * lm, pixels, 12 * 49280)
     assert _cost("model.gradient_checkpointing=true").per_token == 2 * lm
     assert _cost("model.freeze_vision=false").per_frame == pixels + 34 * tower
+    # the cache holds the pooled patches before the connector, (s·√k)² = 9·k of them, fp16
     cached = _cost("data.feature_cache=/cache", "model.tokens_per_frame=4")
-    assert cached.per_frame == 4 * ARCH.vision_hidden * 2
+    assert cached.per_frame == 9 * 4 * ARCH.vision_hidden * 2
     assert frozen.of(10, 2, 3) == 10 * 34 * lm + 2 * pixels + 3 * 12 * 49280
