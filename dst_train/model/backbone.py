@@ -114,8 +114,9 @@ class VLMBackbone(nn.Module):
         gradient checkpointing's ``enable_input_require_grads`` marks the patch embeddings as
         requiring grad, and the frozen tower then kept ~56 MiB of activations per frame
         (smolvlm2-256m, fp32) for a backward that changes nothing in it."""
-        vision = self.vision
-        params = list(vision.parameters())
+        # the tower's own weights: Qwen's merger sits inside ``visual`` and may train while the
+        # tower is frozen; it must not switch autograd on for the whole tower
+        params = list(self.module_groups()["vision"].parameters())
         dtype = params[0].dtype
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         # ZeRO-3 gathers the tower's weights at every call, a collective: the number of calls

@@ -73,3 +73,37 @@ def test_a_trained_tower_still_gets_gradients_and_chunks_change_nothing(tiny_mod
     b.float().pow(2).sum().backward()
     vision = chunked.backbone.hf.model.vision_model
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.parameters())
+
+
+def _saved_bytes(run) -> int:
+    """Bytes autograd saves for backward while ``run()`` executes (its output must need grad)."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        assert run().requires_grad
+    return sum(sizes)
+
+
+def test_a_frozen_qwen_tower_saves_nothing_while_its_merger_trains(tiny_qwen_dir):
+    """Qwen's merger (the connector) sits inside ``model.visual``: trainable while the tower is
+    frozen, it used to switch autograd on for the whole tower, which then kept its activations
+    (more with reentrant checkpointing's input hook). Now the frame path saves exactly what the
+    merger alone saves."""
+    pixels = torch.randn(2, 3, 64, 64)
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        mcfg = ModelConfig(
+            arch=str(tiny_qwen_dir),
+            gradient_checkpointing=checkpointing,
+            gradient_checkpointing_reentrant=True,
+        )
+        model = build_model(mcfg, HeadConfig(tokens_per_frame=1), Precision("fp32", "sdpa"))
+        with torch.no_grad():
+            features = model.backbone.frame_features(pixels)
+        whole = _saved_bytes(lambda: model.frame_embeddings(pixel_values=pixels))  # noqa: B023
+        merger = _saved_bytes(lambda: model.backbone.project_frames(features))  # noqa: B023
+        assert whole == merger, (checkpointing, whole, merger)
