@@ -1,6 +1,6 @@
 """A tiny random VLM of a family (same classes as the real ones) with a tokenizer trained locally.
 
-``make_tiny_model(out, corpus, family=...)`` writes a folder laid out like a real model —
+``make_tiny_model(out, corpus, family_name=...)`` writes a folder laid out like a real model —
 config.json, model.safetensors, tokenizer.json/tokenizer_config.json, preprocessor_config.json —
 so every later stage (training, conversion, evaluation) loads it exactly as it would load the
 real SmolVLM2 or Qwen2.5-VL.
