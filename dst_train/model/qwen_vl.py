@@ -159,12 +159,27 @@ class QwenFrames:
     """Frame → ``image_size``² pixels: bicubic resize, scale to [0, 1], CLIP mean/std.
 
     Saved as a ``preprocessor_config.json`` that Qwen's own image processor reads with the same
-    fixed size (min = max pixels = S²), plus ``dst_frame_size``."""
+    fixed size (min = max pixels = S²) and the tower's patch, merge and temporal sizes, plus
+    ``dst_frame_size``."""
 
-    def __init__(self, image_size: int = FRAME_SIZE, mean=CLIP_MEAN, std=CLIP_STD):
+    def __init__(
+        self,
+        image_size: int = FRAME_SIZE,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        patch_size: int = 14,
+        merge_size: int = 2,
+        temporal_patch_size: int = 2,
+    ):
         self.image_size = image_size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        # not used here (the backbone cuts patches from the config); written for Qwen's processor
+        self.tower = {
+            "patch_size": patch_size,
+            "merge_size": merge_size,
+            "temporal_patch_size": temporal_patch_size,
+        }
 
     def __call__(self, images: list) -> torch.Tensor:
         from PIL import Image
@@ -192,17 +207,22 @@ class QwenFrames:
             "min_pixels": s * s,
             "max_pixels": s * s,
             "size": {"shortest_edge": s * s, "longest_edge": s * s},
-            "patch_size": 14,
-            "temporal_patch_size": 2,
-            "merge_size": 2,
+            **self.tower,
             "dst_frame_size": s,
         }
         path = Path(folder) / "preprocessor_config.json"
         path.write_text(json.dumps(config, indent=2))
 
 
-def frame_processor(size: int = FRAME_SIZE) -> QwenFrames:
-    return QwenFrames(size)
+def frame_processor(config) -> QwenFrames:
+    """The frame processor of the model ``config``: its frame size and tower sizes."""
+    v = config.vision_config
+    return QwenFrames(
+        frame_size(config),
+        patch_size=v.patch_size,
+        merge_size=v.spatial_merge_size,
+        temporal_patch_size=v.temporal_patch_size,
+    )
 
 
 def load_frame_processor(source: str) -> QwenFrames:
@@ -219,10 +239,12 @@ def load_frame_processor(source: str) -> QwenFrames:
     if path is None:
         return QwenFrames()
     raw = json.loads(Path(path).read_text())
+    tower = ("patch_size", "merge_size", "temporal_patch_size")
     return QwenFrames(
         raw.get("dst_frame_size", FRAME_SIZE),
         raw.get("image_mean", CLIP_MEAN),
         raw.get("image_std", CLIP_STD),
+        **{k: raw[k] for k in tower if k in raw},
     )
 
 

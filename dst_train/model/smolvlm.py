@@ -93,9 +93,11 @@ class SmolVLMFrames:
         self.processor.save_pretrained(folder)
 
 
-def frame_processor(size: int) -> SmolVLMFrames:
+def frame_processor(config) -> SmolVLMFrames:
+    """The frame processor of the model ``config``: frames at the tower's image size."""
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
+    size = frame_size(config)
     return SmolVLMFrames(
         SmolVLMImageProcessorPil(
             do_image_splitting=False,

@@ -88,7 +88,7 @@ def make_arch_folder(out: str | Path, corpus: Iterable[str], arch: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    fam.frame_processor(fam.frame_size(config)).save_pretrained(out)
+    fam.frame_processor(config).save_pretrained(out)
     return out
 
 
@@ -116,7 +116,7 @@ def make_tiny_model(
     out.mkdir(parents=True, exist_ok=True)  # only once the shape is known to be valid
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    fam.frame_processor(fam.frame_size(config)).save_pretrained(out)
+    fam.frame_processor(config).save_pretrained(out)
     return out
 
 

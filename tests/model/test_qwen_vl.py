@@ -26,16 +26,18 @@ def frames():
     return QwenFrames(64)(images), images
 
 
-def test_patches_equal_qwens_own_image_processor(hf, frames):
-    """Same frames through Qwen's processor (fixed size: min = max pixels) and ours."""
+def test_patches_equal_qwens_own_image_processor(hf, frames, tiny_qwen_dir):
+    """Same frames through Qwen's processor, configured by the model folder's own
+    preprocessor_config.json (fixed size: min = max pixels; the tiny tower's 8-px patches), and
+    ours."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
 
     pixels, images = frames
-    reference = Qwen2VLImageProcessorPil(
-        patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64, max_pixels=64 * 64
-    )(images=images, return_tensors="pt")
+    reference = Qwen2VLImageProcessorPil.from_pretrained(tiny_qwen_dir)(
+        images=images, return_tensors="pt"
+    )
     patches, grid = make_backbone(hf, 1).patches(pixels)
     assert torch.equal(grid, reference["image_grid_thw"])
     torch.testing.assert_close(patches, reference["pixel_values"])
@@ -74,12 +76,13 @@ def test_pooled_patches_are_means_of_the_merge_blocks(hf, frames):
 
 
 def test_frame_processor_round_trips_through_its_folder(tmp_path):
-    QwenFrames(336).save_pretrained(tmp_path)
+    QwenFrames(336, patch_size=8).save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert raw["min_pixels"] == raw["max_pixels"] == 336 * 336  # what Qwen's processor reads
     from dst_train.model.qwen_vl import load_frame_processor
 
     assert load_frame_processor(str(tmp_path)).image_size == 336
+    assert load_frame_processor(str(tmp_path)).tower["patch_size"] == raw["patch_size"] == 8
     (tmp_path / "bare").mkdir()
     assert load_frame_processor(str(tmp_path / "bare")).image_size == 448  # the default
 
