@@ -6,8 +6,8 @@ building, heads, losses, trainer, inference) talks only to this interface and to
 the end of this module, which pick the family from the transformers config's ``model_type``.
 
 A family is one module (:mod:`~dst_train.model.smolvlm`, :mod:`~dst_train.model.qwen_vl`) with
-its :class:`VLMBackbone` subclass, chat format, frame processor, tiny config and the token ids it
-needs; adding one is that module plus an entry in ``FAMILIES``.
+its :class:`VLMBackbone` subclass, chat format, frame processor, QLoRA skip list and tiny config;
+adding one is that module plus an entry in ``FAMILIES``.
 """
 
 from __future__ import annotations
@@ -90,9 +90,8 @@ class Backbone(Protocol):
 class VLMBackbone(nn.Module):
     """What the families share: a transformers VLM whose parts are ``vision``, ``connector``,
     ``language_model`` (the LM trunk, replaceable: ``set_language_model``) and ``lm_head``. A family
-    defines those properties, ``patches_per_frame``, ``native_tokens_per_frame``, ``merge``
-    (patch-grid side per LM-token side) and ``_features`` (one vision-tower call: pixels → pooled
-    features)."""
+    defines those properties, calls ``_set_grid`` (patch grid and merge factor) and defines
+    ``_features`` (one vision-tower call: pixels → pooled features)."""
 
     chat: ChatFormat
 
@@ -126,6 +125,14 @@ class VLMBackbone(nn.Module):
         with torch.set_grad_enabled(grad):
             parts = [self._features(x.to(dtype=dtype)) for x in pixel_values.split(max(step, 1))]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _set_grid(self, grid: int, merge: int) -> None:
+        """The frame geometry: a ``grid``×``grid`` patch grid, ``merge``×``merge`` patches per
+        LM token; checks that k tokens per frame fit it."""
+        self.grid, self.merge = grid, merge
+        self.patches_per_frame = grid**2
+        self.native_tokens_per_frame = (grid // merge) ** 2
+        self.pooled_grid = check_tokens_per_frame(self.tokens_per_frame, grid, merge)
 
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dst_train.model.backbone import ChatFormat, VLMBackbone, check_tokens_per_frame, pool_patches
+from dst_train.model.backbone import ChatFormat, VLMBackbone, pool_patches
 
 CHAT = ChatFormat(
     bos="<|im_start|>",
@@ -71,15 +71,11 @@ class QwenVLBackbone(VLMBackbone):
     def __init__(self, hf_model, tokens_per_frame: int = 1, vision_chunk: int = 64):
         super().__init__(hf_model, tokens_per_frame, vision_chunk)
         v = hf_model.config.vision_config
-        self.patch, self.merge = v.patch_size, v.spatial_merge_size
-        self.temporal = v.temporal_patch_size
-        size = frame_size(hf_model.config)
-        if size % (self.patch * self.merge):
-            raise ValueError(f"frame size {size} must be a multiple of {self.patch * self.merge}")
-        self.grid = size // self.patch
-        self.patches_per_frame = self.grid**2
-        self.native_tokens_per_frame = (self.grid // self.merge) ** 2
-        self.pooled_grid = check_tokens_per_frame(tokens_per_frame, self.grid, self.merge)
+        self.patch, self.temporal = v.patch_size, v.temporal_patch_size
+        size, unit = frame_size(hf_model.config), v.patch_size * v.spatial_merge_size
+        if size % unit:
+            raise ValueError(f"frame size {size} must be a multiple of {unit}")
+        self._set_grid(size // self.patch, v.spatial_merge_size)
 
     @property
     def vision(self) -> nn.Module:
@@ -246,13 +242,6 @@ def load_frame_processor(source: str) -> QwenFrames:
         raw.get("image_std", CLIP_STD),
         **{k: raw[k] for k in tower if k in raw},
     )
-
-
-def set_token_ids(config, ids: dict[str, int]) -> None:
-    """Write a tokenizer's ``pad``/``bos``/``end``/``image`` ids into ``config``."""
-    config.image_token_id = ids["image"]
-    t = config.text_config
-    t.pad_token_id, t.bos_token_id, t.eos_token_id = ids["pad"], ids["bos"], ids["end"]
 
 
 def tiny_config(

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dst_train.model.backbone import ChatFormat, VLMBackbone, check_tokens_per_frame, pool_patches
+from dst_train.model.backbone import ChatFormat, VLMBackbone, pool_patches
 
 CHAT = ChatFormat()  # the defaults are SmolVLM2's chat template
 # full module paths: transformers 5 matches these from the start of the name (or as a suffix),
@@ -39,12 +39,8 @@ class SmolVLMBackbone(VLMBackbone):
 
     def __init__(self, hf_model, tokens_per_frame: int = 1, vision_chunk: int = 64):
         super().__init__(hf_model, tokens_per_frame, vision_chunk)
-        cfg = hf_model.config
-        self.scale = self.merge = cfg.scale_factor  # patch-grid side per token side
-        self.grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        self.patches_per_frame = self.grid**2
-        self.native_tokens_per_frame = (self.grid // self.scale) ** 2
-        self.pooled_grid = check_tokens_per_frame(tokens_per_frame, self.grid, self.scale)
+        v = hf_model.config.vision_config
+        self._set_grid(v.image_size // v.patch_size, hf_model.config.scale_factor)
 
     @property
     def vision(self) -> nn.Module:
@@ -115,13 +111,6 @@ def load_frame_processor(source: str) -> SmolVLMFrames:
 
 def frame_size(config) -> int:
     return config.vision_config.image_size
-
-
-def set_token_ids(config, ids: dict[str, int]) -> None:
-    """Write a tokenizer's ``pad``/``bos``/``end``/``image`` ids into ``config``."""
-    config.image_token_id = ids["image"]
-    t = config.text_config
-    t.pad_token_id, t.bos_token_id, t.eos_token_id = ids["pad"], ids["bos"], ids["end"]
 
 
 TINY_IMAGE_SIZE = 32

@@ -68,10 +68,13 @@ def _pad_vocabulary(tok, vocab_size: int):
     return Tokenizer.from_str(json.dumps(raw))
 
 
-def token_ids(tokenizer, chat: ChatFormat) -> dict[str, int]:
-    """The ids a config needs: ``pad``, ``bos``, ``end`` (eos) and ``image``."""
-    names = {"pad": chat.pad, "bos": chat.bos, "end": chat.end, "image": chat.image}
-    return {k: tokenizer.convert_tokens_to_ids(v) for k, v in names.items()}
+def set_token_ids(config, tokenizer, chat: ChatFormat) -> None:
+    """Write the tokenizer's image, pad, bos and end (eos) ids into a VLM ``config`` (both
+    families keep the image id at the top and the others in ``text_config``)."""
+    ids = tokenizer.convert_tokens_to_ids([chat.image, chat.pad, chat.bos, chat.end])
+    config.image_token_id = ids[0]
+    t = config.text_config
+    t.pad_token_id, t.bos_token_id, t.eos_token_id = ids[1:]
 
 
 def make_arch_folder(out: str | Path, corpus: Iterable[str], arch: str) -> Path:
@@ -83,7 +86,7 @@ def make_arch_folder(out: str | Path, corpus: Iterable[str], arch: str) -> Path:
     config = arch_config(arch)
     fam = family(config.model_type)
     tokenizer = train_tokenizer(corpus, pad_to=config.text_config.vocab_size, chat=fam.CHAT)
-    fam.set_token_ids(config, token_ids(tokenizer, fam.CHAT))
+    set_token_ids(config, tokenizer, fam.CHAT)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
@@ -110,7 +113,7 @@ def make_tiny_model(
     out = Path(out)
     tokenizer = train_tokenizer(corpus, chat=fam.CHAT)
     config = fam.tiny_config(len(tokenizer), hidden=hidden, layers=layers)
-    fam.set_token_ids(config, token_ids(tokenizer, fam.CHAT))
+    set_token_ids(config, tokenizer, fam.CHAT)
     torch.manual_seed(seed)
     model = fam.model_class()(config)
     out.mkdir(parents=True, exist_ok=True)  # only once the shape is known to be valid
