@@ -83,12 +83,14 @@ def model_state_memory(
 
 
 def quantized_params(model: torch.nn.Module) -> int:
-    """Weights QLoRA stores in 4 bits: the linear layers of the LM trunk (not embeddings, not
-    lm_head, not the vision tower or connector: the families' skip lists)."""
+    """Weights QLoRA stores in 4 bits: the frozen linear layers of the LM trunk (not LoRA's own
+    trainable ones, not embeddings, not lm_head, not the vision tower or connector: the
+    families' skip lists)."""
     from torch import nn
 
     lm = _backbone(model).language_model
-    return sum(m.weight.numel() for m in lm.modules() if isinstance(m, nn.Linear))
+    linear = [m.weight for m in lm.modules() if isinstance(m, nn.Linear)]
+    return sum(w.numel() for w in linear if not w.requires_grad)
 
 
 def largest_layer_params(model: torch.nn.Module) -> int:

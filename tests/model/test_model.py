@@ -284,6 +284,25 @@ def test_memory_table_partly_frozen_by_hand():
     assert fp32["zero2"].gpu_gib == pytest.approx(16 + 12 / 4)  # 4 B weights, 4 + 8 per trainable
 
 
+def test_memory_table_counts_qlora_weights_in_4_bits(tiny_family_dir):
+    """QLoRA: the LM trunk's frozen linear weights at nf4 + block scales (0.516 B), everything
+    else as before; LoRA's own (trainable) linear layers stay 16-bit; no ZeRO-3 rows."""
+    from dst_train.model.info import GIB
+
+    lora = ModelConfig(arch=str(tiny_family_dir), lora=True, lora_r=4, pretrained=False)
+    plain = model_info(lora)
+    quant = model_info(ModelConfig(**{**lora.__dict__, "qlora": True}))
+    # the tiny LM: 2 layers of q, o (64×64), k, v (64×32) and gate, up, down (64×128)
+    q = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+    assert quant["quantized_params"] == q and plain["quantized_params"] == 0
+    saved = (2 - (0.5 + 1 / 64 + 4 / 16384)) * q / GIB  # bytes per weight: 2 → 0.516
+    rows = {r["strategy"]: r["gpu_gib"] for r in quant["memory"]}
+    assert set(rows) == {"zero0", "zero1", "zero2", "zero2+offload"}
+    for r in plain["memory"]:
+        if r["strategy"] in rows:
+            assert rows[r["strategy"]] == pytest.approx(r["gpu_gib"] - saved, rel=1e-9)
+
+
 def test_step_flops_count_each_weight_as_it_is_used(tiny_family_dir):
     """MFU's numerator: 6 FLOPs per trained weight per token, 4 per frozen LM weight (forward
     + input gradient), 2 per frozen tower weight per patch, none for embedding tables; ZeRO-3's
