@@ -227,7 +227,10 @@ def run_coverage(workdir: Path, tests: list[str], append: bool = False) -> None:
     if not append:
         shutil.rmtree(cov, ignore_errors=True)
     cov.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tools"), COVERAGE_FILE=str(cov / ".coverage"))
+    # ROOT on the path too: the pass measures this tree even when the venv's editable install
+    # points at another checkout (a clone used so the main one can be edited meanwhile).
+    path = os.pathsep.join([str(ROOT / "tools"), str(ROOT)])
+    env = dict(os.environ, PYTHONPATH=path, COVERAGE_FILE=str(cov / ".coverage"))
     durations = cov / "durations.new.json"
     command = [sys.executable, "-m", "coverage", "run", f"--rcfile={COVERAGE_RC}", "-m", "pytest",
                "-q", "-p", "mutation_contexts", "--mutation-durations", str(durations),
