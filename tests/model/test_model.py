@@ -20,15 +20,16 @@ from dst_train.model.build import (
 from dst_train.model.dst_model import DSTModel
 from dst_train.model.frames import backbone_cache_key, build_feature_cache
 from dst_train.model.info import model_info
+from dst_train.model.precision import DTYPES
 from tests.conftest import tiny_run_config
 
 FP32 = Precision("fp32", "sdpa")
 
 
-def _setup(demo_root, tiny_model_dir, *overrides, n=2):
+def _setup(demo_root, tiny_model_dir, *overrides, n=2, precision=FP32):
     cfg = tiny_run_config(demo_root, tiny_model_dir, *overrides)
     torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.head_config(), FP32)
+    model = build_model(cfg.model, cfg.head_config(), precision)
     tok = load_tokenizer(cfg.model.arch)
     proc = load_image_processor(cfg.model.arch)
     ds = make_dataset(cfg, "train", tok, model.backbone, proc)
@@ -55,6 +56,25 @@ def test_forward_returns_every_loss_and_grads_reach_the_heads(demo_root, tiny_fa
     assert conn and all(p.grad is not None and p.grad.abs().sum() > 0 for p in conn)
     vision = list(groups["vision"].parameters())
     assert vision and all(p.grad is None for p in vision)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_model_gives_the_fp32_losses(demo_root, tiny_family_dir, dtype):
+    """What a GPU run builds (fp16 on a Titan RTX, bf16 on newer cards): the whole model, heads
+    included, in half precision, fed the collator's fp32 pixels. The losses are still fp32 and
+    within rounding of the fp32 model's; the backward pass reaches the heads."""
+    _, ref_model, batch = _setup(demo_root, tiny_family_dir)
+    ref = ref_model(**batch)
+    _, model, _ = _setup(demo_root, tiny_family_dir, precision=Precision(dtype, "sdpa"))
+    assert {p.dtype for p in model.parameters()} == {DTYPES[dtype]}
+    out = model(**batch)
+    assert out["speak_logits"].dtype == DTYPES[dtype]
+    for name in ("speak_loss", "update_loss", "response_loss", "dst_loss"):
+        assert out[name].dtype == torch.float32
+        assert out[name].item() == pytest.approx(ref[name].item(), rel=0.02), name
+    out["loss"].backward()
+    grads = [p.grad for head in (model.speak_head, model.update_head) for p in head.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
 def test_loss_weights_and_bce_option(demo_root, tiny_model_dir):
