@@ -322,10 +322,16 @@ def collect(copy: Path) -> set[str]:
 
 
 def choose_tests(mutant: Mutant, lines: dict[int, set[str]], durations: dict[str, float],
-                 budget_s: float, existing: set[str]) -> list[str]:  # fmt: skip
+                 budget_s: float, existing: set[str],
+                 readers: set[str] = frozenset()) -> list[str]:  # fmt: skip
     """Tests that ran the mutated line, fastest first, within ``budget_s`` of their seconds. A
     line run at import (a constant, a default) is credited only to the first test that imported
-    the module, so there every test that ran any line of the file is a candidate."""
+    the module, so there every test that ran any line of the file is a candidate.
+
+    ``readers``: tests that ran no line of ``dst_train`` themselves. They check what a shared
+    (module- or session-scoped) fixture made, and that fixture's lines are credited to the first
+    test that asked for it; so the readers in a chosen test's file are run with it (they cost
+    about nothing: the fixture is built once in the same pytest process)."""
     ran = lines.get(mutant.line, set())
     if not mutant.in_function and ran:
         ran = set().union(*lines.values())
@@ -337,7 +343,8 @@ def choose_tests(mutant: Mutant, lines: dict[int, set[str]], durations: dict[str
             break
         chosen.append(test)
         total += seconds
-    return chosen
+    files = {t.split("::")[0] for t in chosen}
+    return chosen + sorted(t for t in readers if t.split("::")[0] in files and t not in chosen)
 
 
 def load_equivalent() -> dict[str, str]:
@@ -420,9 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         mutants = sample(args.packages.split(","), args.per_package, args.seed, copy)
     equivalent = load_equivalent()
     existing = collect(copy)
+    readers = existing - set().union(*(t for f in by_file.values() for t in f.values()))
     for n, mutant in enumerate(mutants, 1):
         lines = by_file.get(mutant.path, {})
-        mutant.tests = choose_tests(mutant, lines, durations, args.budget_s, existing)
+        mutant.tests = choose_tests(mutant, lines, durations, args.budget_s, existing, readers)
         if mutant.key in equivalent:
             mutant.status = "equivalent"
         elif not mutant.tests:

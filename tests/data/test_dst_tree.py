@@ -169,6 +169,21 @@ BAD_CASES = {
 }
 
 
+def test_a_row_that_cannot_be_read_is_the_only_error(tmp_path):
+    """A malformed row stops the read before the tree is built: its children do not each add a
+    'parent is not defined' error that hides the one line to fix."""
+    rows = [
+        ("STEP", "1", 0, 9, "s"),
+        ("SUBSTP", "1.1", 0, 9, "u"),
+        ("ACTION", "1.1.1", 0, 1, "a"),
+        ("ACTION", "1.1.2", 1, 2, "b"),
+    ]
+    tree, issues = read_dst_tsv(write_tsv(tmp_path / "bad.tsv", rows))
+    assert tree is None
+    assert [(i.line, i.severity) for i in issues] == [(3, "error")]
+    assert "unknown node type 'SUBSTP'" in issues[0].message
+
+
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_every_validation_error_names_file_and_line(tmp_path, case):
     rows, msg = BAD_CASES[case]

@@ -130,6 +130,11 @@ def test_mutated_prepared_records_are_named_errors(tmp_path, capsys, edits, junk
         (lambda r: r.update(end_frame_idx=2 + 10**7), "longer than the 1000000 frames"),
         (lambda r: r.update(fps=10**400), "field 'fps' = 1000000000"),
         (lambda r: r.update(seq_len=-5), "field 'seq_len' = -5 is outside"),
+        # one past each plausibility limit
+        (lambda r: r.update(clip_idx=10**9 + 1), "field 'clip_idx' = 1000000001 is outside"),
+        (lambda r: r.update(seq_len=10**7 + 1), "field 'seq_len' = 10000001 is outside"),
+        (lambda r: r.update(fps=1000.5), "field 'fps' = 1000.5 is outside"),
+        (lambda r: r["conversation"][2].update(time=10**9 + 1), "'time' = 1000000001 is outside"),
     ],
 )
 def test_each_hostile_value_class_names_field_and_line(tmp_path, capsys, mutate, message):
@@ -140,6 +145,15 @@ def test_each_hostile_value_class_names_field_and_line(tmp_path, capsys, mutate,
     code, report = _validate(capsys, "--prepared", str(path), "--no-frames")
     assert code == 1 and len(report["errors"]) == 1
     assert report["errors"][0].startswith(f"{path}:1: ") and message in report["errors"][0]
+
+
+def test_values_at_the_plausibility_limits_are_accepted(tmp_path, capsys):
+    record = copy.deepcopy(RECORD)
+    record.update(clip_idx=10**9, seq_len=10**7, max_seq_len=10**7, fps=1000)
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    code, report = _validate(capsys, "--prepared", str(path), "--no-frames")
+    assert (code, report["errors"], report["clips"]) == (0, [], 1)
 
 
 @pytest.mark.parametrize(

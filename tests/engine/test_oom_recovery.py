@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dst_train.engine.trainer import OOM_SCRATCH
 from tests.engine.helpers import REPO, free_port
 
 SCRIPT = str(Path(__file__).parent / "scenario_oom.py")
@@ -62,6 +63,8 @@ def test_an_oom_later_in_a_window_or_in_backward_replays_as_a_clean_step(
         assert r["engines_alive"] == 1  # the replaced engine was freed (its optimizer state too)
         assert r["micro_batches"] == [2, 1, 1] and r["global_steps"] == 3
         assert (r["micro_batch_size"], r["accumulation"], r["train_batch_size"]) == (1, 4, 4)
+        # the scratch checkpoint the new engine was loaded from is gone
+        assert not (tmp_path / r["spec"].replace(":", "_") / OOM_SCRATCH).exists()
     for spec in specs[1:]:
         # measured 0.0 (bit-identical); DeepSpeed's zero_grad + a replay gave 3.6e-2
         assert _max_weight_diff(tmp_path, spec) <= 1e-6, spec

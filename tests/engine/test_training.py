@@ -47,6 +47,7 @@ def test_each_zero_config_trains_and_the_loss_falls(runs, name):
         "skipped_steps",
     ):
         assert key in train[-1]
+    assert all(0.05 < r["peak_mem_gib"] < 64 for r in train)  # the rank's peak RSS, in GiB
     assert len([r for r in rows if r["kind"] == "eval"]) == 2
     d = runs[name]
     for f in ("config.yaml", "ds_config.json", "loss_curve.png", "metrics.jsonl"):

@@ -241,9 +241,12 @@ def test_a_single_process_run_does_not_need_a_fixed_port(tmp_path):
     import socket
 
     script = (
+        "import importlib\n"
         "from dst_train.config import load_config\n"
         "from dst_train.engine.trainer import init_distributed\n"
         "print('RESULT', init_distributed(load_config(None, []))[:2])\n"
+        "builder = importlib.import_module('deepspeed.comm.torch').build_shm_op\n"
+        "print('SHM', builder.__module__)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK")}
     with socket.socket() as held:
@@ -251,6 +254,42 @@ def test_a_single_process_run_does_not_need_a_fixed_port(tmp_path):
         held.listen()
         proc = _python(script, env)
     assert "RESULT (0, 1)" in proc.stdout
+    # on CPU without train.cpu_shm_comm DeepSpeed's shared-memory op (~45 s to compile) is
+    # replaced by ours, which builds nothing
+    assert "SHM dst_train.engine.trainer" in proc.stdout
+
+
+PDEATHSIG = (
+    "import ctypes, signal\n"
+    "from dst_train.engine.trainer import die_with_launcher\n"
+    "die_with_launcher()\n"
+    "sig = ctypes.c_int(-1)\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(2, ctypes.byref(sig))  # PR_GET_PDEATHSIG\n"
+    "print('PDEATHSIG', sig.value, int(signal.SIGKILL))\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+@pytest.mark.parametrize("launched", [True, False])
+def test_only_a_launched_worker_dies_with_its_parent(launched):
+    """A worker a launcher started (LOCAL_RANK set) is tied to it; a plain ``python`` run, whose
+    parent is a shell that may exit (nohup), is not."""
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+    if launched:
+        env["LOCAL_RANK"] = "0"
+    proc = _python(PDEATHSIG, env)
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("PDEATHSIG"))
+    _, got, sigkill = line.split()
+    assert int(got) == (int(sigkill) if launched else 0)
+
+
+def test_peak_memory_is_in_gib_on_either_device(monkeypatch):
+    from dst_train.engine.trainer import peak_memory_gib
+
+    rss = peak_memory_gib(torch.device("cpu"))  # this process's peak resident set
+    assert 0.05 < rss < 64
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    assert peak_memory_gib(torch.device("cuda", 0)) == 3.0
 
 
 def _python(script: str, env: dict, *args: str) -> subprocess.CompletedProcess:
