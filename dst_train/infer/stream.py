@@ -183,6 +183,10 @@ class StreamingAssistant:
         self.frame_batch = frame_batch
         self.device = torch.device(device)
         self.end_id = tokenizer.convert_tokens_to_ids(self.chat.end)
+        # a decoded turn at most: its prompt, max_new_tokens, the end token and the separator
+        closing = self.max_new_tokens + 1 + len(builder.ids(self.chat.sep))
+        self.dst_turn_max = len(builder.ids(self.chat.dst)) + closing
+        self.reply_turn_max = len(builder.ids(self.chat.assistant)) + closing
         vocab = len(tokenizer)
         self.token_text = [tokenizer.decode([i]) for i in range(vocab)]
 
@@ -224,13 +228,36 @@ class StreamingAssistant:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self.model.backbone.embed_tokens(torch.tensor([ids], device=self.device))[0]
 
+    def _frame_budget(self, row: _Row) -> int:
+        """The most tokens the next frame of ``row`` can add: its k frame tokens, a decoded DST
+        update, the user turns at that frame and a decoded reply."""
+        frame = row.frame_ids[row.next]
+        users = sum(len(self.b.turn_ids("user", t)[0]) for t in row.user_turns.get(frame, []))
+        dst = self.dst_turn_max if row.grammar is not None else 0
+        return self.model.backbone.tokens_per_frame + dst + users + self.reply_turn_max
+
+    def _check_room(self, prompt_tokens: int, budget: int, row: _Row) -> None:
+        """A fresh context must hold one frame's worst case: below that every frame would
+        refresh, the model would see no history at all, and the context would still pass
+        ``max_context``."""
+        if prompt_tokens + budget > self.max_context:
+            raise ValueError(
+                f"max_context {self.max_context} is too small for clip "
+                f"{row.job.labels.clip.video_uid}: its system prompt (instruction, task tree, "
+                f"state) takes {prompt_tokens} tokens and frame {row.frame_ids[row.next]} may add "
+                f"{budget} (frame tokens, user turns, two decoded turns of up to max_new_tokens "
+                f"= {self.max_new_tokens}); raise --max-context"
+            )
+
     def _step(self, cache: PaddedCache, live: dict[int, _Row]) -> None:
-        """One frame of every live row: refresh, frame, DST update, user turns, response."""
-        budget = self.model.backbone.tokens_per_frame + 2 * self.max_new_tokens + 16
+        """One frame of every live row: refresh, frame, DST update, user turns, response.
+        A row refreshes when its next frame's worst case would pass ``max_context``, so the
+        context never does."""
+        budget = {r: self._frame_budget(row) for r, row in live.items()}
         refresh = {
             r: row
             for r, row in live.items()
-            if not row.started or cache.length(r) + budget > self.max_context
+            if not row.started or cache.length(r) + budget[r] > self.max_context
         }
         if refresh:
             for r in refresh:
@@ -241,6 +268,8 @@ class StreamingAssistant:
                     for r, row in refresh.items()
                 }
             )
+            for r, row in refresh.items():
+                self._check_room(cache.length(r), budget[r], row)
         hidden = cache.feed(
             {
                 r: row.frame_embeds(self.model, self.frame_batch, self.device)

@@ -110,13 +110,28 @@ def test_cached_streaming_equals_one_full_forward(setup):
     assert not torch.allclose(swapped[0], streamed[0], atol=1e-4)
 
 
-def test_forced_decoding_refreshes_the_context_and_keeps_a_valid_state(setup):
+def test_forced_decoding_refreshes_the_context_and_keeps_a_valid_state(setup, monkeypatch):
+    from dst_train.infer.padded_cache import PaddedCache
+
+    lengths = []  # every row's context length after each feed, decoding included
+    feed = PaddedCache.feed
+
+    def watched(cache, items):
+        out = feed(cache, items)
+        lengths.extend(cache.length(r) for r in items)
+        return out
+
+    monkeypatch.setattr(PaddedCache, "feed", watched)
     *_, labels, tree, frames = setup
     assistant = _assistant(
-        setup, speak_threshold=-1.0, update_threshold=-1.0, max_context=200, max_new_tokens=8
+        setup, speak_threshold=-1.0, update_threshold=-1.0, max_context=300, max_new_tokens=8
     )
     traces = assistant.run(labels, tree, frames)
     assert traces[0].refreshed and sum(t.refreshed for t in traces) >= 2
+    assert 250 < max(lengths) <= 300  # refreshed before max_context, not long before
+    # a context that cannot hold the system prompt (~220 tokens here) and one frame
+    with pytest.raises(ValueError, match=r"max_context 200 is too small for clip \S+: its sys"):
+        _assistant(setup, max_context=200, max_new_tokens=8).run(labels, tree, frames)
     assert all(t.dst_valid is not None for t in traces)  # an update decoded at every frame
     for t in traces:
         assert check_state(tree, t.state) == [], t
@@ -169,7 +184,7 @@ def test_a_batch_of_clips_streams_as_each_clip_alone(setup, demo_root, tiny_mode
     assistant = _assistant(
         setup,
         **thresholds,
-        max_context=120,
+        max_context=430,
         max_new_tokens=4,
     )
     done = []
