@@ -333,7 +333,9 @@ def choose_tests(mutant: Mutant, lines: dict[int, set[str]], durations: dict[str
     test that asked for it; so the readers in a chosen test's file are run with it (they cost
     about nothing: the fixture is built once in the same pytest process)."""
     ran = lines.get(mutant.line, set())
-    if not mutant.in_function and ran:
+    if not mutant.in_function:
+        # coverage credits a statement to its first line only: a constant inside a multi-line
+        # table (the 3rd row of a tuple) has no line data of its own
         ran = set().union(*lines.values())
     tests = sorted((t for t in ran if t in existing), key=lambda t: (durations.get(t, 60.0), t))
     chosen, total = [], 0.0

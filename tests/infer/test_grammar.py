@@ -26,6 +26,8 @@ def test_wrong_ids_states_and_repeats_are_rejected():
     assert not G.prefix_ok("1.1=done")
     assert not G.prefix_ok("1.1=completed,")
     assert not G.prefix_ok("1.1=completed; 1.1=")  # the same node twice
+    assert not G.prefix_ok("1.1=completed; 1.1=in_progress; ")  # ... both items complete
+    assert not G.prefix_ok("1.1=completed; 1.1=completed; 1")
     assert not G.complete("1.1=completed; 1.1=in_progress")
     assert not G.complete("1.1=")
     assert not G.complete("")

@@ -52,6 +52,7 @@ def test_without_nvml_the_documented_default_context_is_taken_off():
     assert measure_context(0, cuda) == (DEFAULT_CONTEXT_BYTES, "default")
     emulate_target(24 * GiB, 0, cuda=cuda)
     assert cuda.share * cuda.total == 24 * GiB - DEFAULT_CONTEXT_BYTES
+    assert DEFAULT_CONTEXT_BYTES == GiB // 2  # the 0.5 GiB docs/autotune.md gives
 
 
 def test_a_card_no_bigger_than_the_target_is_not_capped():

@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from dst_train.tune.search import NothingFits, Probe, accumulation_for, doubling_search, search
+from dst_train.tune.search import (
+    NothingFits,
+    Probe,
+    SearchResult,
+    accumulation_for,
+    doubling_search,
+    search,
+)
 
 GiB = 2**30
 LIMIT = int(0.9 * 24 * GiB)
@@ -38,6 +45,8 @@ def check(result, peak_of):
     assert result.micro_batch >= 1
     assert int(peak_of(result.micro_batch)) <= LIMIT  # never a size whose real peak is over
     assert all(p.micro_batch != result.micro_batch or not p.oom for p in result.probes)
+    sizes = [p.micro_batch for p in result.probes]
+    assert len(set(sizes)) == len(sizes), sizes  # a probe costs a minute on a GPU: never twice
 
 
 @pytest.mark.parametrize(
@@ -86,8 +95,20 @@ def test_nothing_fits():
 
 
 def test_max_micro_caps_the_answer():
-    r = search(curve(linear(1 * GiB, 0.01 * GiB)), LIMIT, max_micro=16)
-    assert r.micro_batch == 16
+    peak = linear(1 * GiB, 0.01 * GiB)
+    for find in (search, doubling_search):
+        r = find(curve(peak), LIMIT, max_micro=16)
+        check(r, peak)
+        assert r.micro_batch == 16 and r.peak_bytes == int(peak(16))
+    assert [p.micro_batch for p in r.probes] == [1, 2, 4, 8, 16]  # the baseline's doublings
+
+
+def test_the_result_reports_the_peak_of_the_chosen_size():
+    probes = [Probe(1, 5 * GiB, 1.0), Probe(4, 0, 1.0, oom=True), Probe(3, 9 * GiB, 1.0)]
+    assert SearchResult(3, LIMIT, probes).peak_bytes == 9 * GiB
+    assert SearchResult(3, LIMIT, probes).to_dict()["peak_bytes"] == 9 * GiB
+    assert SearchResult(4, LIMIT, probes).peak_bytes == 0  # only an OOM at that size
+    assert SearchResult(0, LIMIT, []).peak_bytes == 0
 
 
 def test_recorded_cpu_curve():
@@ -112,8 +133,11 @@ def test_recorded_cpu_curve():
 def test_doubling_baseline_finds_the_same_size_with_more_probes():
     peak = linear(16 * GiB, 0.4 * GiB)
     ours, base = search(curve(peak), LIMIT), doubling_search(curve(peak), LIMIT)
-    assert ours.micro_batch == base.micro_batch
+    assert ours.micro_batch == base.micro_batch == 14
     assert len(ours.probes) < len(base.probes)
+    check(base, peak)
+    # doubling until 16 goes over, then bisecting between 8 and 16 only
+    assert [p.micro_batch for p in base.probes] == [1, 2, 4, 8, 16, 12, 14, 15]
 
 
 def test_accumulation_keeps_the_global_batch():
@@ -125,3 +149,21 @@ def test_accumulation_keeps_the_global_batch():
         assert m <= micro and m * acc * 2 == 96
     with pytest.raises(ValueError):
         accumulation_for(63, 4, 2)
+
+
+def test_the_probe_table_marks_oom_and_over_the_limit_as_not_fitting():
+    from dst_train.tune.autotune import table
+
+    probes = [
+        Probe(1, 10 * GiB, 31.0),
+        Probe(2, 12 * GiB, 33.0, predicted_bytes=12 * GiB),
+        Probe(8, 0, 5.0, oom=True, predicted_bytes=20 * GiB),  # no measured peak
+        Probe(5, 18 * GiB, 40.0, predicted_bytes=17 * GiB),  # over a 16 GiB limit
+    ]
+    rows = table({"probes": [vars(p) for p in probes], "limit_bytes": 16 * GiB}).splitlines()
+    assert rows[2:] == [
+        "| 1 |  | 10.00 | yes | 31.0 |",
+        "| 2 | 12.00 | 12.00 | yes | 33.0 |",
+        "| 8 | 20.00 | OOM | no | 5.0 |",
+        "| 5 | 17.00 | 18.00 | no | 40.0 |",
+    ]
