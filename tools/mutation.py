@@ -257,15 +257,17 @@ def load_coverage(workdir: Path) -> tuple[dict[str, dict[int, set[str]]], dict[s
     data.read()
     durations = json.loads((cov / "durations.json").read_text())
     failed = set(durations.pop("__failed__", []))
-    by_file = {}
+    by_file: dict[str, dict[int, set[str]]] = {}
     for measured in data.measured_files():
-        rel = os.path.relpath(measured, ROOT)
-        by_line = {}
+        # named from the package folder on, so passes made in other clones (--add-coverage run
+        # from a fresh one) land on the same files; their line data are merged
+        parts = Path(measured).parts
+        rel = "/".join(parts[len(parts) - 1 - parts[::-1].index("dst_train") :])
+        by_line = by_file.setdefault(rel, {})
         for line, contexts in (data.contexts_by_lineno(measured) or {}).items():
             tests = {c for c in contexts if c and c not in failed}
             if tests:
-                by_line[line] = tests
-        by_file[rel] = by_line
+                by_line.setdefault(line, set()).update(tests)
     return by_file, durations
 
 
