@@ -229,6 +229,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dst_train.eval.evaluate import StaleTraces, evaluate, inference_device
     from dst_train.eval.mpnet import EmbeddingModelError
     from dst_train.eval.report import table
+    from dst_train.infer.stream import ContextTooSmall
 
     if args.stream_batch < 1:
         print(f"error: --stream-batch {args.stream_batch}: need at least 1", file=sys.stderr)
@@ -262,7 +263,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         DSTFormatError,
         StaleTraces,
         EmbeddingModelError,
-    ) as e:  # names the file
+        ContextTooSmall,
+    ) as e:  # names the file (or the clip)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(report))

@@ -23,6 +23,10 @@ from dst_train.data.sequence import SequenceBuilder
 from dst_train.infer.padded_cache import PaddedCache
 
 
+class ContextTooSmall(ValueError):
+    """``max_context`` cannot hold a clip's system prompt and one frame."""
+
+
 @dataclass
 class FrameTrace:
     """What happened at one frame (one line of the trace JSONL)."""
@@ -241,7 +245,7 @@ class StreamingAssistant:
         refresh, the model would see no history at all, and the context would still pass
         ``max_context``."""
         if prompt_tokens + budget > self.max_context:
-            raise ValueError(
+            raise ContextTooSmall(
                 f"max_context {self.max_context} is too small for clip "
                 f"{row.job.labels.clip.video_uid}: its system prompt (instruction, task tree, "
                 f"state) takes {prompt_tokens} tokens and frame {row.frame_ids[row.next]} may add "

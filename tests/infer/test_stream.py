@@ -7,7 +7,7 @@ import torch
 from dst_train.data.dataset import DatasetPaths, dst_path, load_split
 from dst_train.data.dst_tree import check_state, load_dst_tsv
 from dst_train.data.sequence import SequenceBuilder
-from dst_train.infer.stream import StreamingAssistant
+from dst_train.infer.stream import ContextTooSmall, StreamingAssistant
 from dst_train.model.backbone import load_image_processor, load_tokenizer
 from dst_train.model.build import Precision, build_model
 from dst_train.model.frames import FramePixels
@@ -130,7 +130,7 @@ def test_forced_decoding_refreshes_the_context_and_keeps_a_valid_state(setup, mo
     assert traces[0].refreshed and sum(t.refreshed for t in traces) >= 2
     assert 250 < max(lengths) <= 300  # refreshed before max_context, not long before
     # a context that cannot hold the system prompt (~220 tokens here) and one frame
-    with pytest.raises(ValueError, match=r"max_context 200 is too small for clip \S+: its sys"):
+    with pytest.raises(ContextTooSmall, match=r"max_context 200 is too small for clip \S+: "):
         _assistant(setup, max_context=200, max_new_tokens=8).run(labels, tree, frames)
     assert all(t.dst_valid is not None for t in traces)  # an update decoded at every frame
     for t in traces:
