@@ -156,6 +156,7 @@ def _run_config(args: argparse.Namespace, check_feature_cache: bool = True):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dst_train.data.sequence import SequenceTooLong
     from dst_train.engine.checkpoint import CheckpointMismatch
     from dst_train.engine.trainer import TrainingStopped, die_with_launcher, fit
 
@@ -171,6 +172,9 @@ def _train(args: argparse.Namespace) -> int:
     except CheckpointMismatch as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except SequenceTooLong as e:  # names the file and line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -226,6 +230,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dst_train.data.dst_tree import DSTFormatError
     from dst_train.data.proassist import DataFormatError
+    from dst_train.data.sequence import SequenceTooLong
     from dst_train.eval.evaluate import StaleTraces, evaluate, inference_device
     from dst_train.eval.mpnet import EmbeddingModelError
     from dst_train.eval.report import table
@@ -264,6 +269,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         StaleTraces,
         EmbeddingModelError,
         ContextTooSmall,
+        SequenceTooLong,
     ) as e:  # names the file (or the clip)
         print(f"error: {e}", file=sys.stderr)
         return 2

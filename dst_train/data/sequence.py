@@ -28,6 +28,10 @@ RESPONSE, DST = 1, 2
 IGNORE = -100
 
 
+class SequenceTooLong(ValueError):
+    """A clip's system prompt, or one frame with its turns, does not fit ``max_seq_len``."""
+
+
 @dataclass
 class Sample:
     """One training sequence. Positions index ``input_ids``."""
@@ -101,10 +105,10 @@ class SequenceBuilder:
                 samples.append(cur)
                 cur = self._start(labels, instruction, tree, state, len(samples))
             if len(cur) + size > self.max_seq_len:
-                raise ValueError(
+                raise SequenceTooLong(
                     f"{clip.source}: frame {frame} and the turns after it need {size} "
                     f"tokens, which does not fit max_seq_len={self.max_seq_len} "
-                    "after the system prompt; raise data.max_seq_len"
+                    "after the system prompt; raise data.max_seq_len (evaluate: --max-context)"
                 )
             if frame is not None:
                 self._add_frame(cur, labels, frame)
@@ -139,9 +143,10 @@ class SequenceBuilder:
     def _start(self, labels, instruction, tree, state, index) -> Sample:
         ids = self.system_ids(instruction, tree, state)
         if len(ids) + self.k > self.max_seq_len:
-            raise ValueError(
+            raise SequenceTooLong(
                 f"{labels.clip.source}: the system prompt alone is {len(ids)} tokens, "
-                f"over max_seq_len={self.max_seq_len}"
+                f"over max_seq_len={self.max_seq_len}; raise data.max_seq_len (evaluate: "
+                "--max-context)"
             )
         clip = labels.clip
         return Sample(

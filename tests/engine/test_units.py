@@ -433,3 +433,17 @@ def test_val_loss_is_the_mean_over_the_batches_evaluated(
         for k in LOSSES:
             want = sum(o[k].item() for o in rows) / len(rows)
             assert got[f"val_{k}"] == pytest.approx(want, rel=1e-6), (n, k)
+
+
+def test_a_max_seq_len_below_the_system_prompt_is_an_error_line(
+    demo_root, tiny_model_dir, tmp_path
+):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK")}
+    cmd = [sys.executable, "-m", "dst_train.cli", "train", "--config", "launch/configs/demo.yaml"]
+    cmd += [f"data.root={demo_root}"]
+    cmd += [f"model.arch={tiny_model_dir}", f"output_dir={tmp_path}", "data.max_seq_len=50"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "/prepared/train.jsonl:" in last
+    assert "the system prompt alone is" in last and "raise data.max_seq_len" in last

@@ -3,7 +3,7 @@ import pytest
 from dst_train.data.collate import LengthGroupedSampler, SampleDataset, make_collate
 from dst_train.data.dataset import load_split
 from dst_train.data.dst_tree import load_dst_tsv, parse_transitions
-from dst_train.data.sequence import DST, IGNORE, RESPONSE, SequenceBuilder
+from dst_train.data.sequence import DST, IGNORE, RESPONSE, SequenceBuilder, SequenceTooLong
 from dst_train.model.backbone import ChatFormat, load_image_processor, load_tokenizer
 from dst_train.model.frames import FramePixels
 
@@ -48,6 +48,18 @@ def test_layout_decisions_and_targets(parts, k):
     assert text[RESPONSE][0] == labels.responses[min(labels.responses)][0] + "<end_of_utterance>"
     assert text[DST][0] == labels.dst_updates[min(labels.dst_updates)] + "<end_of_utterance>"
     assert len(text[DST]) == sum(labels.update)
+
+
+def test_a_max_len_that_cannot_hold_the_prompt_or_a_frame_is_a_named_error(parts):
+    tok, labels, tree = parts
+    instruction = next(t.content for t in labels.clip.conversation if t.role == "system")
+    prompt = len(_builder(tok).system_ids(instruction, tree, labels.initial_state))
+    where = labels.clip.source
+    with pytest.raises(SequenceTooLong, match=f"{where}: the system prompt alone is {prompt} "):
+        _builder(tok, k=4, max_len=prompt + 3).build(labels, tree)
+    # room for the prompt and a bare frame, not for a frame with the turns that follow it
+    with pytest.raises(SequenceTooLong, match=rf"{where}: frame \d+ and the turns after it need"):
+        _builder(tok, k=4, max_len=prompt + 4).build(labels, tree)
 
 
 def test_long_clip_splits_at_boundaries_with_refreshed_state(parts):
