@@ -144,10 +144,7 @@ def prepare(cfg: RunConfig):
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841 — keep alive: weights built partitioned
-    # Random weights are drawn where they will live: initialising 2 B parameters on the CPU
-    # takes minutes, on the GPU a second (ZeRO-3 partitions at construction by itself).
-    on_device = device.type == "cuda" and not cfg.model.pretrained and hf_ds is None
-    with torch.device(device) if on_device else contextlib.nullcontext():
+    with init_device(device, cfg.model.pretrained, zero3=hf_ds is not None):
         model = build_model(cfg.model, cfg.head_config(), precision)
     tokenizer = load_tokenizer(cfg.model.arch)
     processor = load_image_processor(cfg.model.arch)
@@ -213,6 +210,15 @@ def run_ds_config(cfg: RunConfig, world: int, dtype, on_gpu: bool) -> dict:
     if t.node_local_checkpoints:  # each node's first process saves the model states there too
         ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
     return ds_config
+
+
+def init_device(device: torch.device, pretrained: bool, zero3: bool):
+    """The context to build the model in. Random weights are drawn where they will live:
+    initialising 2 B parameters takes minutes on the CPU, a second on the GPU. Loaded weights
+    are read on the CPU, and ZeRO-3 partitions at construction by itself."""
+    if device.type == "cuda" and not pretrained and not zero3:
+        return torch.device(device)
+    return contextlib.nullcontext()
 
 
 def die_with_launcher() -> None:

@@ -111,7 +111,8 @@ class Prober:
         del batch
         if oom:
             self.engine.zero_grad()
-        agreed = torch.tensor([float(mem.peak_bytes), float(oom)], device=self.device)
+        # float64: bytes up to 2^53 exactly (float32 rounds a 20 GB peak to the nearest KiB)
+        agreed = torch.tensor([mem.peak_bytes, int(oom)], dtype=torch.float64, device=self.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
         return Probe(

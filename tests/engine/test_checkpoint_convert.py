@@ -69,7 +69,7 @@ def test_a_convert_killed_midway_leaves_the_old_folder_and_a_rerun_completes(
         launcher="python",
         nproc=1,
     )
-    out = tmp_path / "hf"
+    out = tmp_path / "exports" / "hf"  # a folder whose parent does not exist yet
     conv.convert(run, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
@@ -81,9 +81,9 @@ def test_a_convert_killed_midway_leaves_the_old_folder_and_a_rerun_completes(
     with pytest.raises(KeyboardInterrupt):
         conv.convert(run, out, dtype="bf16")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    assert (tmp_path / "hf.partial").is_dir()  # the half that a kill leaves, beside, not in OUT
+    assert (out.parent / "hf.partial").is_dir()  # the half that a kill leaves, beside, not in OUT
     monkeypatch.setattr(conv, "swap_in", real)
     report = conv.convert(run, out, dtype="bf16")  # the same command again
-    assert report["out"] == str(out) and not (tmp_path / "hf.partial").exists()
-    assert not (tmp_path / "hf.old").exists()
+    assert report["out"] == str(out) and not (out.parent / "hf.partial").exists()
+    assert not (out.parent / "hf.old").exists()
     assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]  # bf16 now

@@ -427,7 +427,7 @@ def test_val_loss_is_the_mean_over_the_batches_evaluated(
     with torch.no_grad():
         per_batch = [model(**to_device(b, s["device"])) for b in loader]
     assert len(per_batch) >= 2
-    for n in (2, 0):  # the first 2 batches; 0 = all of them
+    for n in (1, 2, 0):  # the first batch, the first 2; 0 = all of them
         got = evaluate(model, loader, s["device"], max_batches=n)
         rows = per_batch[:n] if n else per_batch
         for k in LOSSES:
@@ -447,3 +447,18 @@ def test_a_max_seq_len_below_the_system_prompt_is_an_error_line(
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "/prepared/train.jsonl:" in last
     assert "the system prompt alone is" in last and "raise data.max_seq_len" in last
+
+
+def test_random_weights_are_drawn_on_the_gpu_unless_loaded_or_partitioned():
+    import contextlib
+
+    from dst_train.engine.trainer import init_device
+
+    gpu = torch.device("cuda", 1)  # a device object: no GPU needed to build one
+    assert init_device(gpu, pretrained=False, zero3=False) == gpu
+    for ctx in (
+        init_device(gpu, pretrained=True, zero3=False),  # read from disk on the CPU
+        init_device(gpu, pretrained=False, zero3=True),  # ZeRO-3 places the shards itself
+        init_device(torch.device("cpu"), pretrained=False, zero3=False),
+    ):
+        assert isinstance(ctx, contextlib.nullcontext)

@@ -60,6 +60,8 @@ def test_linear_curve_takes_at_most_four_probes_and_finds_the_optimum(fixed, per
     assert len(r.probes) <= 4
     assert r.micro_batch == max(b for b in range(1, 2000) if int(peak(b)) <= LIMIT)
     assert r.per_sample_bytes == pytest.approx(per, rel=1e-6)
+    for p in r.probes[2:]:  # the line through probes 1 and 2 predicts each later peak
+        assert p.predicted_bytes == pytest.approx(p.peak_bytes, rel=1e-6)
 
 
 def test_jump_in_the_curve_is_never_picked():

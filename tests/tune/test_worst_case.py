@@ -65,17 +65,35 @@ def test_close_candidates_are_measured_and_the_highest_peak_wins():
     candidates = worst_case_candidates(DATA, cost)
     assert [i for i, _ in candidates] == [1, 0]  # within 5 % of each other; sample 2 far below
 
-    class Prober:
-        sample = None
-
-        def __call__(self, b):
-            peak = {0: 9_000, 1: 8_000, 2: 1_000}[self.sample]  # the estimate's runner-up peaks
-            return Probe(b, peak, 0.1)
-
     prober = Prober()
     chosen = choose_worst_case(DATA, cost, prober)
     assert chosen["index"] == 0 and prober.sample == 0
     assert [c["measured_peak_bytes"] for c in chosen["candidates"]] == [8_000, 9_000]
+    assert prober.calls == [(1, 1), (0, 1)]  # one micro-batch-1 probe per candidate
+
+
+class Prober:
+    """Records (sample, micro-batch) of every probe."""
+
+    sample = None
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, b):
+        self.calls.append((self.sample, b))
+        peak = {0: 9_000, 1: 8_000, 2: 1_000}[self.sample]  # the estimate's runner-up peaks
+        return Probe(b, peak, 0.1)
+
+
+def test_a_single_candidate_is_taken_without_a_probe():
+    cost = _cost("model.gradient_checkpointing=true")  # the frames win by far: one candidate
+    prober = Prober()
+    chosen = choose_worst_case(DATA, cost, prober)
+    assert (chosen["index"], prober.sample, prober.calls) == (1, 1, [])
+    assert chosen["candidates"] == [
+        {"index": 1, "estimated_bytes": cost.of(510, 60, 20), "measured_peak_bytes": None}
+    ]
 
 
 def test_the_cache_key_changes_with_the_global_batch():
