@@ -232,13 +232,16 @@ class StreamingAssistant:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self.model.backbone.embed_tokens(torch.tensor([ids], device=self.device))[0]
 
-    def _frame_budget(self, row: _Row) -> int:
+    def _user_ids(self, row: _Row) -> list[int]:
+        """The tokens of the user turns at ``row``'s next frame (fed after its DST update)."""
+        turns = row.user_turns.get(row.frame_ids[row.next], [])
+        return [i for text in turns for i in self.b.turn_ids("user", text)[0]]
+
+    def _frame_budget(self, row: _Row, user_tokens: int) -> int:
         """The most tokens the next frame of ``row`` can add: its k frame tokens, a decoded DST
-        update, the user turns at that frame and a decoded reply."""
-        frame = row.frame_ids[row.next]
-        users = sum(len(self.b.turn_ids("user", t)[0]) for t in row.user_turns.get(frame, []))
+        update, the frame's ``user_tokens`` and a decoded reply."""
         dst = self.dst_turn_max if row.grammar is not None else 0
-        return self.model.backbone.tokens_per_frame + dst + users + self.reply_turn_max
+        return self.model.backbone.tokens_per_frame + dst + user_tokens + self.reply_turn_max
 
     def _check_room(self, prompt_tokens: int, budget: int, row: _Row) -> None:
         """A fresh context must hold one frame's worst case: below that every frame would
@@ -257,7 +260,8 @@ class StreamingAssistant:
         """One frame of every live row: refresh, frame, DST update, user turns, response.
         A row refreshes when its next frame's worst case would pass ``max_context``, so the
         context never does."""
-        budget = {r: self._frame_budget(row) for r, row in live.items()}
+        users = {r: self._user_ids(row) for r, row in live.items()}
+        budget = {r: self._frame_budget(row, len(users[r])) for r, row in live.items()}
         refresh = {
             r: row
             for r, row in live.items()
@@ -298,11 +302,7 @@ class StreamingAssistant:
             texts = self._decode(cache, {r: prompt for r in dst}, {r: live[r].grammar for r in dst})
             for r, text in texts.items():
                 live[r].state = self._apply(live[r].tree, live[r].state, text, traces[r])
-        users = {
-            r: [i for text in row.user_turns[t.frame] for i in self.b.turn_ids("user", text)[0]]
-            for (r, row), t in zip(live.items(), traces.values(), strict=True)
-            if t.frame in row.user_turns
-        }
+        users = {r: ids for r, ids in users.items() if ids}
         if users:
             cache.feed({r: self._embed(ids) for r, ids in users.items()})
         speakers = [r for r in live if traces[r].speak_prob > self.speak_threshold]
