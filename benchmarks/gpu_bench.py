@@ -168,6 +168,11 @@ def main() -> None:
     ap.add_argument("--max-micro", type=int, default=64)
     ap.add_argument("--throughput-steps", type=int, default=20)
     ap.add_argument(
+        "--throughput-micro",
+        type=int,
+        help="throughput's micro-batch (default: the autotune stage's choice, else 2)",
+    )
+    ap.add_argument(
         "--skip-fit",
         action="store_true",
         help="throughput: skip each stack's largest-micro-batch search (a probe per process)",
@@ -200,7 +205,7 @@ def main() -> None:
                 record = stage_autotune(a, ov, work, left)
                 micro = record["summary"]["micro_batch"]
             elif stage == "throughput":
-                extra = ["--micro-batch", str(micro or 2)]
+                extra = ["--micro-batch", str(a.throughput_micro or micro or 2)]
                 extra += ["--no-fit"] if a.dry_run or a.skip_fit else ["--max-micro", "32"]
                 extra += ["--steps", str(a.throughput_steps), "--warmup", "3"]
                 record = stage_script(a, "throughput.py", "throughput", work, paths, left, extra)

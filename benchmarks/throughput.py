@@ -7,12 +7,14 @@ DeepSpeed config, model and data (the HF Trainer lives in this benchmark only).
 
 Each stack runs in its own process, on the same batches in the same order (our length-grouped
 sampler's; the Trainer is handed it), counted the same way over the same steps: ``--steps``
-optimizer steps at ``--micro-batch``, the first ``--warmup`` not timed → tokens/s, frames/s,
-samples/s, padding share, peak memory, model TFLOP/s and MFU (``dst_train.model.info.step_flops``:
-the 6·N convention with frozen weights counted as they are used, ZeRO-3 parameters at full size,
-over the GPU's dense fp16/bf16 peak; GPU only). Then, for each stack, the largest micro-batch
-under the same memory cap: the same search, each probe in a fresh process (full steps on the
-worst-case sample until one ran with the optimizer state).
+optimizer steps at ``--micro-batch``, the first ``--warmup`` not timed, one clock for both
+(``StepClock``: from the first timed step's batch in hand to the last step's end) → tokens/s,
+frames/s, samples/s, padding share, the window's share spent waiting for batches (near 1: the
+loader set the rate, not the loop), peak memory, model TFLOP/s and MFU
+(``dst_train.model.info.step_flops``: the 6·N convention with frozen weights counted as they
+are used, ZeRO-3 parameters at full size, over the GPU's dense fp16/bf16 peak; GPU only). Then,
+for each stack, the largest micro-batch under the same memory cap: the same search, each probe
+in a fresh process (full steps on the worst-case sample until one ran with the optimizer state).
 """
 
 from __future__ import annotations
@@ -59,6 +61,47 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+class StepClock:
+    """One clock for both stacks. The window opens when step ``warmup``'s batch is in hand (for
+    the Trainer: ``on_step_begin``, which it calls after fetching the step's batch) and closes
+    when the last step ends; ``data_wait`` is the time inside it between a step's end and the
+    next step's batch in hand (the loader, plus the Trainer's own between-step work)."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.t0 = self.t1 = self.last_end = None
+        self.data_wait = 0.0
+
+    def batch_ready(self, step: int) -> None:
+        now = time.perf_counter()
+        if step == self.warmup:
+            _sync()
+            self.t0 = time.perf_counter()
+        elif self.t0 is not None:
+            self.data_wait += now - self.last_end
+
+    def step_ended(self) -> None:
+        _sync()
+        self.t1 = self.last_end = time.perf_counter()
+
+    @property
+    def timed(self) -> bool:
+        return self.t0 is not None and self.t1 is not None and self.t1 > self.t0
+
+    @property
+    def seconds(self) -> float:
+        return self.t1 - self.t0 if self.timed else 0.0
+
+
+def timed_steps(stream, train_step, steps: int, clock: StepClock) -> None:
+    """Our loop's side of the clock: fetch a step's batch, then train on it."""
+    for i in range(steps):
+        batch = next(stream)
+        clock.batch_ready(i)
+        train_step(batch)
+        clock.step_ended()
+
+
 class BatchCounts:
     """What each trained batch held — the same counting for both stacks, in the training
     process (a Trainer with loader workers collates in them). ``rates`` reads the timed
@@ -76,12 +119,17 @@ class BatchCounts:
         self.batches.append((int(mask.sum()), mask.numel(), frames.shape[0], mask.shape[0]))
         return batch
 
-    def rates(self, first: int, last: int, seconds: float, model, k: int) -> dict:
+    def rates(self, first: int, last: int, clock: StepClock, model, k: int) -> dict:
         tokens, positions, frames, samples = (
             sum(c) for c in zip(*self.batches[first:last], strict=True)
         )
         flops = step_flops(model, tokens, frames, k)
+        seconds = clock.seconds
         return {
+            "timed_seconds": seconds,
+            # the share of the window spent waiting for batches: near 1, the loader, not the
+            # training loop, set the rate
+            "data_wait_share": clock.data_wait / seconds,
             "timed_tokens": tokens,  # equal for both stacks when they ran the same batches
             "tokens_per_s": tokens / seconds,
             "frames_per_s": frames / seconds,
@@ -118,17 +166,12 @@ def run_ours(args, micro: int, steps: int) -> dict:
     cfg, s = _build(args, micro)
     counts = BatchCounts(s["collate"])
     runner = MicroBatchRunner(s["engine"], counts, s["device"], False, micro, 1, 0)
-    stream = batches_forever(s["loader"], s["sampler"], 0, 0)
+    stream = (batch for _, _, batch in batches_forever(s["loader"], s["sampler"], 0, 0))
+    clock = StepClock(args.warmup)
     with PeakMemory(s["device"]) as mem:
-        for i in range(steps):
-            if i == args.warmup:
-                _sync()
-                t0 = time.perf_counter()
-            runner.run_window([next(stream)[2]])
-    _sync()
-    dt = time.perf_counter() - t0
+        timed_steps(stream, lambda batch: runner.run_window([batch]), steps, clock)
     return {
-        **counts.rates(args.warmup, steps, dt, s["model"], cfg.model.tokens_per_frame),
+        **counts.rates(args.warmup, steps, clock, s["model"], cfg.model.tokens_per_frame),
         "peak_bytes": mem.peak_bytes,
         "trainable": _trainable(s["model"]),
     }
@@ -139,6 +182,7 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from dst_train.data.collate import SampleOrder
     from dst_train.tune.autotune import sample_cost, worst_case_index
     from dst_train.tune.memory import PeakMemory
 
@@ -148,23 +192,19 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
     if worst_only:
         worst = worst_case_index(dataset, sample_cost(cfg, s))
         dataset.samples = [dataset.samples[worst]] * (micro * steps)
-    # Both stacks count batches the same way (BatchCounts) over the same steps: warmup..end.
-    # The Trainer fetches step k's batch before ``on_step_begin(k)``, so the clock starts there
-    # and stops at the last ``on_step_end``; its batches are counted as they are trained.
+    # Both stacks count batches the same way (BatchCounts) over the same steps (warmup..end) and
+    # time them with the same StepClock; the Trainer's batches are counted as they are trained.
     counts = BatchCounts(collate)
-    clock: dict[str, float] = {}
+    clock = StepClock(args.warmup)
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            if state.global_step == args.warmup:
-                _sync()
-                clock["t0"] = time.perf_counter()
+            clock.batch_ready(state.global_step)
 
         def on_step_end(self, a, state, control, **kw):
-            _sync()
-            clock["t1"] = time.perf_counter()
+            clock.step_ended()
 
-    order = None if worst_only else OurOrder(s["sampler"])
+    order = None if worst_only else SampleOrder(s["sampler"])
 
     class UntilRealStep(TrainerCallback):
         """A fit probe stops as ours does: after 2 steps, once a step ran with the optimizer
@@ -228,10 +268,9 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
             trainer.train()
         except torch.OutOfMemoryError:
             oom = True
-    timed = "t0" in clock and len(counts.batches) > args.warmup  # a fit probe times nothing
-    dt = clock["t1"] - clock["t0"] if timed else 0.0
+    timed = clock.timed and len(counts.batches) > args.warmup  # a fit probe times nothing
     k = cfg.model.tokens_per_frame
-    rates = counts.rates(args.warmup, steps, dt, model, k) if timed else {}
+    rates = counts.rates(args.warmup, steps, clock, model, k) if timed else {}
     return {
         "seconds": time.perf_counter() - started,  # the whole train() call, warm-up included
         **rates,
@@ -239,20 +278,6 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
         "oom": oom,
         "trainable": _trainable(model),
     }
-
-
-class OurOrder:
-    """Our batch sampler's batches, flattened: a Trainer batching them ``micro`` at a time
-    gets the same batches (the sampler's are all full: it wraps the tail)."""
-
-    def __init__(self, batch_sampler):
-        self.batches = batch_sampler
-
-    def __iter__(self):
-        return (i for batch in self.batches for i in batch)
-
-    def __len__(self) -> int:
-        return sum(len(b) for b in self.batches)
 
 
 def probe_ours_once(args, micro: int) -> dict:
@@ -375,6 +400,7 @@ def main() -> None:
                 "frames_per_s",
                 "samples_per_s",
                 "padding",
+                "data_wait_share",
                 "model_tflops_per_s",
                 "peak_gib",
                 "mfu",

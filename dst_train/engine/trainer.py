@@ -156,17 +156,7 @@ def prepare(cfg: RunConfig):
     )
     collate = make_collate(tokenizer.pad_token_id, bool(cfg.data.feature_cache))
     sampler = LengthGroupedSampler(train_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
-    # the train loader yields the samples of a micro-batch uncollated, so the OOM safety net can
-    # split them (collating is cheap padding; frames are decoded in the workers either way)
-    # the loader's own generator (re-seeded per epoch in batches_forever): creating its iterator
-    # (each epoch, and again after a resume) must not draw from the global RNG dropout uses
-    loader = DataLoader(
-        train_ds,
-        batch_sampler=sampler,
-        collate_fn=list,
-        num_workers=cfg.data.num_workers,
-        generator=torch.Generator(),
-    )
+    loader = sample_loader(train_ds, sampler, cfg.data.num_workers)
     val_sampler = LengthGroupedSampler(val_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
     val_loader = DataLoader(val_ds, batch_sampler=val_sampler, collate_fn=collate)
     return {
@@ -287,15 +277,43 @@ def to_device(batch: dict, device: torch.device) -> dict:
 LOSSES = ("loss", "speak_loss", "update_loss", "response_loss", "dst_loss")
 
 
+def _one(item):
+    return item
+
+
+def sample_loader(dataset, sampler, num_workers: int) -> torch.utils.data.DataLoader:
+    """The train loader: single samples in ``sampler``'s order (``SampleOrder``), uncollated, so
+    a micro-batch is read by every worker at once and the OOM safety net can split it
+    (``batches_forever`` regroups them). Each worker keeps about two micro-batches' samples in
+    flight between them. The loader's own generator (re-seeded per epoch in
+    ``batches_forever``): creating its iterator (each epoch, and again after a resume) must not
+    draw from the global RNG dropout uses."""
+    from torch.utils.data import DataLoader
+
+    from dst_train.data.collate import SampleOrder
+
+    return DataLoader(
+        dataset,
+        sampler=SampleOrder(sampler),
+        batch_size=None,
+        collate_fn=_one,
+        num_workers=num_workers,
+        prefetch_factor=max(2, -(-2 * sampler.batch_size // num_workers)) if num_workers else None,
+        generator=torch.Generator(),
+    )
+
+
 def batches_forever(loader, sampler, epoch: int, skip: int):
-    """Yield (epoch, index in epoch, batch) across epochs, starting ``skip`` batches in."""
+    """Yield (epoch, index in epoch, list of samples) across epochs, starting ``skip`` batches
+    in: ``sampler``'s batches, their samples read through ``loader`` (``sample_loader``)."""
     while True:
         sampler.set_epoch(epoch, skip)
         loader.dataset.epoch = epoch
         if loader.generator is not None:  # worker seeds depend on the epoch only, not on resumes
             loader.generator.manual_seed(hash((sampler.seed, epoch)) % 2**63)
-        for i, batch in enumerate(loader, start=skip):
-            yield epoch, i, batch
+        samples = iter(loader)
+        for i, batch in enumerate(sampler, start=skip):
+            yield epoch, i, [next(samples) for _ in batch]
         epoch, skip = epoch + 1, 0
 
 

@@ -9,7 +9,7 @@ import torch
 
 from dst_train.config import load_config
 from dst_train.engine import checkpoint
-from dst_train.engine.trainer import setup, to_device
+from dst_train.engine.trainer import batches_forever, setup, to_device
 
 demo_root, tiny, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 cfg = load_config(
@@ -27,7 +27,7 @@ cfg = load_config(
 found = {}
 s = setup(cfg)
 engine, device = s["engine"], s["device"]
-batch = to_device(s["collate"](next(iter(s["loader"]))), device)
+batch = to_device(s["collate"](next(batches_forever(s["loader"], s["sampler"], 0, 0))[2]), device)
 for _ in range(2):
     engine.backward(engine(**batch)["loss"])
     engine.step()

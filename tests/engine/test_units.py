@@ -1,7 +1,9 @@
+import itertools
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -379,9 +381,7 @@ def test_loader_workers_give_the_same_batches_across_epochs_and_resumes(
     """data.num_workers=2 reaches the train loader, and its batches — samples, the negative-frame
     subsampling's weights, decoded frames — equal the main process's, in every epoch and after
     a resume mid-epoch."""
-    from torch.utils.data import DataLoader
-
-    from dst_train.engine.trainer import batches_forever, prepare
+    from dst_train.engine.trainer import batches_forever, prepare, sample_loader
     from tests.conftest import tiny_run_config
 
     cfg = tiny_run_config(
@@ -393,9 +393,7 @@ def test_loader_workers_give_the_same_batches_across_epochs_and_resumes(
     per_epoch = len(s["sampler"])
     assert per_epoch >= 2
     workers = _take(batches_forever(s["loader"], s["sampler"], 0, 0), 2 * per_epoch)
-    main_process = DataLoader(
-        s["train_ds"], batch_sampler=s["sampler"], collate_fn=list, generator=torch.Generator()
-    )
+    main_process = sample_loader(s["train_ds"], s["sampler"], num_workers=0)
     alone = _take(batches_forever(main_process, s["sampler"], 0, 0), 2 * per_epoch)
     resumed = _take(batches_forever(s["loader"], s["sampler"], 1, 1), per_epoch - 1)
     for got, want in ((workers, alone), (resumed, alone[per_epoch + 1 :])):
@@ -408,6 +406,36 @@ def test_loader_workers_give_the_same_batches_across_epochs_and_resumes(
     drawn = [{src: w for _, _, items in alone[e * per_epoch : (e + 1) * per_epoch]
               for src, w, _ in items} for e in (0, 1)]  # fmt: skip
     assert drawn[0].keys() == drawn[1].keys() and drawn[0] != drawn[1]  # redrawn each epoch
+
+
+class _WorkerTagged(torch.utils.data.Dataset):
+    """A dataset whose items say which loader worker read them."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        time.sleep(0.05)  # a frame decode's worth: every worker gets work before any runs dry
+        return i, info.id if info else -1
+
+
+def test_a_micro_batch_is_read_by_several_workers():
+    """With the batch sampler handed to the DataLoader, one worker read a whole micro-batch
+    (14 samples × ~70 frames, one core, ~25 s on the gpu-bench data): the train loader hands
+    out single samples, and batches_forever regroups them into the sampler's batches."""
+    from dst_train.data.collate import LengthGroupedSampler
+    from dst_train.engine.trainer import batches_forever, sample_loader
+
+    sampler = LengthGroupedSampler([5] * 12, batch_size=4, seed=3)
+    loader = sample_loader(_WorkerTagged(12), sampler, num_workers=2)
+    got = list(itertools.islice(batches_forever(loader, sampler, 0, 0), 3))
+    assert [[i for i, _ in items] for _, _, items in got] == sampler.batches()
+    assert [(e, i) for e, i, _ in got] == [(0, 0), (0, 1), (0, 2)]
+    assert all(len({w for _, w in items}) == 2 for _, _, items in got)
 
 
 def test_val_loss_is_the_mean_over_the_batches_evaluated(
