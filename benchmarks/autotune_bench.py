@@ -38,7 +38,6 @@ def _prober(args):
     import copy
 
     from dst_train.config import load_config
-    from dst_train.data.collate import make_collate
     from dst_train.engine.trainer import init_distributed, setup
     from dst_train.tune.autotune import (
         Prober,
@@ -56,9 +55,8 @@ def _prober(args):
     probe_cfg.train.micro_batch_size = probe_cfg.train.grad_accum = 1
     s = setup(probe_cfg)
     ds = s["train_ds"]
-    collate = make_collate(s["tokenizer"].pad_token_id, bool(cfg.data.feature_cache))
     worst = worst_case_index(ds, sample_cost(cfg, s))
-    return Prober(s["engine"], ds[worst], collate, device), emulated
+    return Prober(s["engine"], ds[worst], s["step_collate"], device), emulated
 
 
 def child(args) -> dict:

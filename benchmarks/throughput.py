@@ -164,7 +164,7 @@ def run_ours(args, micro: int, steps: int) -> dict:
     from dst_train.tune.memory import PeakMemory
 
     cfg, s = _build(args, micro)
-    counts = BatchCounts(s["collate"])
+    counts = BatchCounts(s["step_collate"])  # the trainer's
     runner = MicroBatchRunner(s["engine"], counts, s["device"], False, micro, 1, 0)
     stream = (batch for _, _, batch in batches_forever(s["loader"], s["sampler"], 0, 0))
     clock = StepClock(args.warmup)
@@ -285,7 +285,6 @@ def probe_ours_once(args, micro: int) -> dict:
     sample until one ran with the optimizer state), in this fresh process."""
     from dataclasses import asdict
 
-    from dst_train.data.collate import make_collate
     from dst_train.tune.autotune import Prober, sample_cost, worst_case_index
 
     cfg, s = _build(args, 1)
@@ -293,7 +292,7 @@ def probe_ours_once(args, micro: int) -> dict:
     prober = Prober(
         s["engine"],
         ds[worst_case_index(ds, sample_cost(cfg, s))],
-        make_collate(s["tokenizer"].pad_token_id, bool(cfg.data.feature_cache)),
+        s["step_collate"],  # the trainer's
         s["device"],
     )
     return asdict(prober(micro))

@@ -68,7 +68,28 @@ class SampleDataset(Dataset):
         ]
 
 
-def make_collate(pad_id: int, features: bool):
+def _stack_frames(parts: list[torch.Tensor], device: torch.device | None) -> torch.Tensor:
+    """``torch.cat(parts)``, made on ``device`` when one is given: each sample's frames are
+    copied into their slice of one tensor there. On a GPU this skips the host-side tensor — a
+    fresh 1.7 GB of fp32 pixels per step at micro-batch 14 × ~70 frames, whose page faults cost
+    2.4 s on the development machine (0.12 s into a reused buffer) — and its second copy."""
+    if device is None:
+        return torch.cat(parts)
+    first = parts[0]
+    out = torch.empty(
+        (sum(len(p) for p in parts), *first.shape[1:]), dtype=first.dtype, device=device
+    )
+    start = 0
+    for p in parts:
+        out[start : start + len(p)].copy_(p, non_blocking=True)  # pageable: safe to reuse after
+        start += len(p)
+    return out
+
+
+def make_collate(pad_id: int, features: bool, frames_device: torch.device | None = None):
+    """Collate for ``SampleDataset`` items; ``frames_device`` assembles the frames there (the
+    training step's device) instead of on the host."""
+
     def collate(items: list[dict]) -> dict:
         width = max(len(it["sample"]) for it in items)
         batch = {
@@ -98,7 +119,7 @@ def make_collate(pad_id: int, features: bool):
         batch["update"] = torch.tensor(update, dtype=torch.long).clamp(min=0)
         batch["speak_weight"] = torch.tensor(sw)
         batch["update_weight"] = torch.tensor(uw)
-        frames = torch.cat([it["frames"] for it in items])
+        frames = _stack_frames([it["frames"] for it in items], frames_device)
         batch["frame_features" if features else "pixel_values"] = frames
         return batch
 

@@ -155,6 +155,12 @@ def prepare(cfg: RunConfig):
         cfg, cfg.data.val_split, tokenizer, model.backbone, processor, seed=cfg.seed
     )
     collate = make_collate(tokenizer.pad_token_id, bool(cfg.data.feature_cache))
+    # a training step's collate (in this process): on a GPU, frames are assembled there
+    step_collate = make_collate(
+        tokenizer.pad_token_id,
+        bool(cfg.data.feature_cache),
+        frames_device=device if device.type == "cuda" else None,
+    )
     sampler = LengthGroupedSampler(train_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
     loader = sample_loader(train_ds, sampler, cfg.data.num_workers)
     val_sampler = LengthGroupedSampler(val_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
@@ -175,6 +181,7 @@ def prepare(cfg: RunConfig):
         "tokenizer": tokenizer,
         "processor": processor,
         "collate": collate,
+        "step_collate": step_collate,
     }
 
 
@@ -358,7 +365,7 @@ def fit(cfg: RunConfig) -> dict:
     guard = OverflowGuard(t.max_skipped_in_a_row, engine.skipped_steps)
     oom_net = MicroBatchRunner(
         engine,
-        s["collate"],
+        s["step_collate"],
         device,
         t.oom_retry,
         t.micro_batch_size,
@@ -488,9 +495,8 @@ class MicroBatchRunner:
         for items in window:
             parts = range(0, len(items), self.chunk)
             for c in parts:
-                batch = self.collate(items[c : c + self.chunk])
                 self.phase = "forward"
-                out = self._forward(batch)
+                out, batch = self._forward(items[c : c + self.chunk])
                 self.phase = "backward"
                 self.engine.backward(out["loss"])
                 self.phase = "step"
@@ -500,14 +506,16 @@ class MicroBatchRunner:
                 sums[-1] += batch["input_ids"].shape[0]
         return sums
 
-    def _forward(self, batch: dict) -> dict:
-        """The engine's forward; raises OutOfMemoryError on every rank when any rank ran out."""
+    def _forward(self, items: list[dict]) -> tuple[dict, dict]:
+        """Collate (on a GPU it allocates there: ``step_collate``) and the engine's forward;
+        raises OutOfMemoryError on every rank when any rank ran out. Returns (outputs, batch)."""
         try:
+            batch = self.collate(items)
             out, failed = self.engine(**to_device(batch, self.device)), False
         except torch.OutOfMemoryError:
             if not self.agree:
                 raise
-            out, failed = None, True
+            out, batch, failed = None, None, True
         if self.agree:
             flag = torch.tensor([float(failed)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -516,7 +524,7 @@ class MicroBatchRunner:
                     "CUDA out of memory in this micro-batch's forward on "
                     + ("this rank" if failed else "another rank")
                 )
-        return out
+        return out, batch
 
     def _recover(self, what: str, step: int) -> None:
         where = f"{what} (in the {self.phase} of step {step}, rank {self.rank})"

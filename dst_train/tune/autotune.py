@@ -231,7 +231,6 @@ def autotune(
     something fits). Returns the report (every rank)."""
     import os
 
-    from dst_train.data.collate import make_collate
     from dst_train.engine.trainer import init_distributed, setup
 
     t0 = time.perf_counter()
@@ -259,12 +258,7 @@ def autotune(
     probe_cfg.train.global_batch_size = 0
     s = setup(probe_cfg)
     ds = s["train_ds"]
-    prober = Prober(
-        s["engine"],
-        None,
-        make_collate(s["tokenizer"].pad_token_id, bool(cfg.data.feature_cache)),
-        device,
-    )
+    prober = Prober(s["engine"], None, s["step_collate"], device)
     worst = choose_worst_case(ds, sample_cost(cfg, s), prober)
     report = {
         "target_gb": target_gb,

@@ -4,7 +4,8 @@
 
 One short run per WINDOW:MICRO:PHASE:RANKS (in OUT/<that spec>), one after the other in this
 process (the imports and process group are paid once). In each, the OOM hits the MICRO-th
-micro-batch (from 0) of optimizer step WINDOW (from 1), in PHASE ``forward`` (the model's
+micro-batch (from 0) of optimizer step WINDOW (from 1), in PHASE ``collate`` (assembling the
+micro-batch raises: on a GPU it allocates the frames there), ``forward`` (the model's
 forward raises), ``backward`` (a gradient hook half-way down the language model raises: the
 later layers' gradients have already reached DeepSpeed) or ``step`` (the optimizer step at the
 accumulation boundary raises before it runs), on RANKS ``all`` or one rank number. Afterwards
@@ -61,6 +62,21 @@ def middle_layer_hook(module, inputs, output):
 
 
 DSTModel.forward = forward_with_an_oom
+real_runner_init = trainer.MicroBatchRunner.__init__
+
+
+def runner_with_an_oom_in_collate(self, engine, collate, *args, **kw):
+    def collate_with_an_oom(items):
+        if len(items) > 1 and where["phase"] == "collate":
+            index, calls["big_collate"] = calls["big_collate"], calls["big_collate"] + 1
+            if index == where["target"] and hit_here():
+                raise_oom()
+        return collate(items)
+
+    real_runner_init(self, engine, collate_with_an_oom, *args, **kw)
+
+
+trainer.MicroBatchRunner.__init__ = runner_with_an_oom_in_collate
 real_make_engine = trainer.make_engine
 engines = []  # weak references: the replaced engine must be freed, with its optimizer state
 current = {}
@@ -90,7 +106,7 @@ for spec in specs:
     window, micro, phase, ranks = spec.split(":")
     # the OOM's place, as an index among the two-sample forwards
     where.update(target=(int(window) - 1) * GRAD_ACCUM + int(micro), phase=phase, ranks=ranks)
-    calls.update(big=0, oom=0, armed=False)
+    calls.update(big=0, big_collate=0, oom=0, armed=False)
     engines.clear()
     out = out_root / spec.replace(":", "_")
     cfg = load_config(

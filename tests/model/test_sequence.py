@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from dst_train.data.collate import LengthGroupedSampler, SampleDataset, make_collate
 from dst_train.data.dataset import load_split
@@ -118,6 +119,15 @@ def test_collate_pads_and_orders_frames(parts, demo_root, tiny_model_dir):
     # negatives subsampled (~10 % kept), positives always kept
     sw, sp = batch["speak_weight"], batch["speak"]
     assert sw[sp == 1].eq(1).all() and 0 < sw[sp == 0].mean() < 0.3
+    # frames_device: each sample's frames copied into one tensor made on that device (on a GPU,
+    # no host-side concatenation into a fresh tensor each step); the batch is otherwise the same
+    items = [ds[0], ds[1]]
+    placed = make_collate(tok.pad_token_id, False, frames_device=torch.device("cpu"))(items)
+    assert placed.keys() == batch.keys()
+    assert all(torch.equal(placed[k], batch[k]) for k in batch)
+    meta = make_collate(tok.pad_token_id, False, frames_device=torch.device("meta"))(items)
+    assert meta["pixel_values"].device.type == "meta" and meta["pixel_values"].shape[0] == d
+    assert all(v.device.type == "cpu" for k, v in meta.items() if k != "pixel_values")
 
 
 def test_length_grouped_sampler_splits_ranks_evenly_and_resumes():
