@@ -291,7 +291,7 @@ def _one(item):
 def sample_loader(dataset, sampler, num_workers: int) -> torch.utils.data.DataLoader:
     """The train loader: single samples in ``sampler``'s order (``SampleOrder``), uncollated, so
     a micro-batch is read by every worker at once and the OOM safety net can split it
-    (``batches_forever`` regroups them). Each worker keeps about two micro-batches' samples in
+    (``batches_forever`` regroups them). The workers keep about two micro-batches' samples in
     flight between them. The loader's own generator (re-seeded per epoch in
     ``batches_forever``): creating its iterator (each epoch, and again after a resume) must not
     draw from the global RNG dropout uses."""
