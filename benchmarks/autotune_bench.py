@@ -127,11 +127,12 @@ def _spawn(method, overrides, target_gb, limit, verify, max_micro, config=None) 
     return json.loads(line[len("RESULT ") :])
 
 
-def smoke_overrides(tmp: Path) -> list[str]:
+def smoke_overrides(tmp: Path, videos: int = 6, image_size: int = 32) -> list[str]:
+    """Demo data and a tiny model under ``tmp``; the overrides that point a run at them."""
     from dst_train.data.synthetic import DemoSpec, make_demo_data
     from dst_train.model.tiny import demo_corpus, make_tiny_model
 
-    make_demo_data(tmp / "data", seed=1, spec=DemoSpec(videos=6, image_size=32))
+    make_demo_data(tmp / "data", seed=1, spec=DemoSpec(videos=videos, image_size=image_size))
     make_tiny_model(tmp / "tiny", demo_corpus(tmp / "data"), seed=0)
     return [
         f"data.root={tmp / 'data'}",

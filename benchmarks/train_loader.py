@@ -26,22 +26,12 @@ from benchmarks.common import table, write_result  # noqa: E402
 
 
 def _setup(tmp: Path, args):
+    from benchmarks.autotune_bench import smoke_overrides
     from dst_train.config import load_config
-    from dst_train.data.synthetic import DemoSpec, make_demo_data
     from dst_train.engine.trainer import init_distributed, prepare
-    from dst_train.model.tiny import demo_corpus, make_tiny_model
 
-    make_demo_data(tmp / "data", seed=1, spec=DemoSpec(videos=args.videos, image_size=args.size))
-    make_tiny_model(tmp / "tiny", demo_corpus(tmp / "data"), seed=0)
-    cfg = load_config(
-        None,
-        [
-            f"data.root={tmp / 'data'}",
-            f"model.arch={tmp / 'tiny'}",
-            f"output_dir={tmp / 'run'}",
-            f"train.micro_batch_size={args.micro}",
-        ],
-    )
+    overrides = smoke_overrides(tmp, args.videos, args.size)
+    cfg = load_config(None, [*overrides, f"train.micro_batch_size={args.micro}"])
     init_distributed(cfg)
     return prepare(cfg)
 
