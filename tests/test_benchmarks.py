@@ -113,6 +113,16 @@ def test_train_loader_smoke(tmp_path):
     assert all(r["first_batch_s"] > 0 and 0 <= r["wait_share"] <= 1 for r in rows)
 
 
+def test_frame_pixels_smoke(tmp_path):
+    out = _run("frame_pixels.py", tmp_path)
+    assert "bytes_uint8_over_fp32" in out
+    result = json.loads((tmp_path / "frame_pixels_smoke.json").read_text())
+    fp32, uint8 = result["rows"]
+    assert fp32["equal"] and uint8["equal"]  # the model's normalization = the processor's
+    assert uint8["bytes_per_frame"] * 4 == fp32["bytes_per_frame"] == 3 * 32 * 32 * 4
+    assert result["ratios"]["tiny"]["bytes_uint8_over_fp32"] == 0.25
+
+
 def test_streaming_smoke(tmp_path):
     out = _run("streaming.py", tmp_path)
     assert "speedup_over_batch1" in out

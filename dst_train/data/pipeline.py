@@ -29,7 +29,8 @@ def make_dataset(
     cfg, split: str, tokenizer, backbone, image_processor, seed: int = 0
 ) -> SampleDataset:
     """The dataset of ``split`` for run config ``cfg``: pixels, or cached features when
-    ``cfg.data.feature_cache`` is set (checked against the model it was built for)."""
+    ``cfg.data.feature_cache`` is set (checked against the model it was built for). With pixels,
+    ``backbone`` is set to normalize them as ``image_processor`` does (they travel in 8 bits)."""
     from dst_train.model.frames import FeatureCache, FramePixels, backbone_cache_key
 
     builder = SequenceBuilder(
@@ -45,5 +46,6 @@ def make_dataset(
         source, features = FeatureCache(cfg.data.feature_cache, expect_key=key), True
     else:
         source, features = FramePixels(cfg.data.root, image_processor), False
+        backbone.use_frame_processor(image_processor)
     keep = cfg.data.negative_frame_keep if split == cfg.data.train_split else 1.0
     return SampleDataset(samples, source, features, negative_frame_keep=keep, seed=seed)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,7 +64,8 @@ class Backbone(Protocol):
     native_tokens_per_frame: int  # LM tokens per frame the pretrained model used (no pooling)
 
     def frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) pixels → (N, P, Dv) pooled vision features (what the cache holds)."""
+        """(N, 3, S, S) pixels — uint8 (normalized by the backbone) or normalized floats — →
+        (N, P, Dv) pooled vision features (what the cache holds)."""
 
     def project_frames(self, features: torch.Tensor) -> torch.Tensor:
         """(N, P, Dv) pooled features → (N, k, H) LM input embeddings."""
@@ -103,11 +105,12 @@ class VLMBackbone(nn.Module):
         self.hidden_size = cfg.text_config.hidden_size
         self.image_token_id = cfg.image_token_id
         self.tokens_per_frame = tokens_per_frame
+        self.use_frame_processor(None)  # the family's processor for ``cfg``, made when needed
 
     # ---------------------------------------------------------------- frames
     def frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) pixels → (N, P, Dv) pooled patch features, ``vision_chunk`` frames
-        per tower call (0 = all at once).
+        """(N, 3, S, S) pixels (uint8, or floats already normalized) → (N, P, Dv) pooled patch
+        features, ``vision_chunk`` frames per tower call (0 = all at once).
 
         A tower with no trainable parameter runs without autograd, whatever hooks are on:
         gradient checkpointing's ``enable_input_require_grads`` marks the patch embeddings as
@@ -123,8 +126,33 @@ class VLMBackbone(nn.Module):
         zero3 = hasattr(params[0], "ds_id")
         step = len(pixel_values) if zero3 or not self.vision_chunk else self.vision_chunk
         with torch.set_grad_enabled(grad):
-            parts = [self._features(x.to(dtype=dtype)) for x in pixel_values.split(max(step, 1))]
+            parts = [
+                self._features(self._tower_input(x, dtype))
+                for x in pixel_values.split(max(step, 1))
+            ]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _tower_input(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """One chunk of frames as the tower takes them: 8-bit pixels normalized here, so only
+        the chunk is ever in fp32; float pixels are taken as already normalized."""
+        if pixels.dtype == torch.uint8:
+            pixels = normalize_pixels(pixels, self.pixel_table(pixels.device))
+        return pixels.to(dtype=dtype)
+
+    def use_frame_processor(self, processor: FrameProcessor | None) -> None:
+        """Normalize 8-bit frames as ``processor`` does (a model folder's own processor; the
+        default is the family's processor for this model's config)."""
+        self._frame_processor, self._pixel_tables = processor, {}
+
+    def pixel_table(self, device: torch.device) -> torch.Tensor:
+        """(3, 256) fp32 on ``device``: :func:`pixel_table` of the frame processor, made once."""
+        if device not in self._pixel_tables:
+            processor = self._frame_processor
+            if processor is None:
+                config = self.hf.config
+                processor = family(config.model_type).frame_processor(config)
+            self._pixel_tables[device] = pixel_table(processor).to(device)
+        return self._pixel_tables[device]
 
     def _set_grid(self, grid: int, merge: int) -> None:
         """The frame geometry: a ``grid``×``grid`` patch grid, ``merge``×``merge`` patches per
@@ -247,14 +275,49 @@ def pool_patches(hidden: torch.Tensor, grid: int, pooled: int) -> torch.Tensor:
 
 
 class FrameProcessor(Protocol):
-    """A family's frame preprocessing: one frame → one ``image_size``² image, no tiling."""
+    """A family's frame preprocessing: one frame → one ``image_size``² image, no tiling.
+
+    ``pixels`` is what travels (loader workers → collate → GPU): the sized frame in 8 bits, a
+    quarter of the bytes of fp32. The backbone normalizes it on its device through
+    :func:`pixel_table`; ``__call__`` is the family's own float pipeline, which that equals."""
 
     image_size: int  # pixels per side of the processed frame
 
+    def pixels(self, images: list) -> torch.Tensor:
+        """PIL images → (N, 3, S, S) uint8, sized as ``__call__`` sizes them (N may be 0)."""
+
     def __call__(self, images: list) -> torch.Tensor:
-        """PIL images → (N, 3, S, S) float pixels (N may be 0)."""
+        """PIL images → (N, 3, S, S) float pixels, rescaled and normalized (N may be 0)."""
 
     def save_pretrained(self, folder: str | Path) -> None: ...
+
+
+def pixel_table(processor: FrameProcessor) -> torch.Tensor:
+    """(3, 256) fp32: what ``processor`` makes of each 8-bit value in each channel.
+
+    Read off the processor's own output for a frame of its size that holds every value (a frame
+    it does not resize), so :func:`normalize_pixels` equals ``processor(images)`` bit for bit,
+    whatever its mean, std and arithmetic."""
+    from PIL import Image
+
+    s = processor.image_size
+    if s * s < 256:
+        raise ValueError(f"frame size {s}: too small to hold the 256 pixel values")
+    ramp = (np.arange(s * s) % 256).astype(np.uint8).reshape(s, s)
+    frame = Image.fromarray(np.repeat(ramp[..., None], 3, axis=2))
+    with torch.device("cpu"):  # a model built under ``torch.device("meta")`` asks at run time
+        if not torch.equal(processor.pixels([frame])[0, 0], torch.from_numpy(ramp)):
+            raise ValueError(f"{type(processor).__name__} changes a frame of its own size")
+        return processor([frame])[0].reshape(3, -1)[:, :256].float().contiguous()
+
+
+def normalize_pixels(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) uint8 → (N, 3, S, S) fp32 through ``table`` (:func:`pixel_table`), on the
+    pixels' device. Transient memory: 4 bytes per value of int32 indices, 4 of output."""
+    table = table.to(pixels.device)
+    offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=pixels.device)
+    index = pixels.to(torch.int32) + offsets.view(1, 3, 1, 1)
+    return F.embedding(index, table.reshape(-1, 1)).squeeze(-1)
 
 
 # ------------------------------------------------------------------ loading

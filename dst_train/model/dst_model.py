@@ -69,7 +69,8 @@ class DSTModel(nn.Module):
 
     # ------------------------------------------------------------- inputs
     def frame_embeddings(self, pixel_values=None, frame_features=None) -> torch.Tensor:
-        """Frames → (D, k, H) LM embeddings, from pixels (vision tower runs) or cached features."""
+        """Frames → (D, k, H) LM embeddings, from pixels (vision tower runs; uint8 pixels are
+        normalized on their device) or cached features."""
         if frame_features is None:
             frame_features = self.backbone.frame_features(pixel_values)
         return self.backbone.project_frames(frame_features)
@@ -147,15 +148,18 @@ class DSTModel(nn.Module):
     def from_pretrained(
         cls, folder: str | Path, dtype: torch.dtype = torch.float32, attention: str = "sdpa"
     ) -> DSTModel:
-        """Backbone with plain transformers, then our heads from ``dst_heads.safetensors``."""
+        """Backbone with plain transformers, then our heads from ``dst_heads.safetensors``; 8-bit
+        frames are normalized as the folder's own image processor does, when it has one."""
         from safetensors.torch import load_file
 
-        from dst_train.model.backbone import load_hf_model, make_backbone
+        from dst_train.model.backbone import load_hf_model, load_image_processor, make_backbone
 
         folder = check_model_folder(folder)
         cfg = HeadConfig(**json.loads((folder / CONFIG_FILE).read_text()))
         hf = load_hf_model(str(folder), pretrained=True, dtype=dtype, attention=attention)
         model = cls(make_backbone(hf, cfg.tokens_per_frame), cfg)
+        if (folder / "preprocessor_config.json").is_file():
+            model.backbone.use_frame_processor(load_image_processor(str(folder)))
         missing, unexpected = model.load_state_dict(
             load_file(str(folder / HEADS_FILE)), strict=False
         )

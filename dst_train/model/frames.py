@@ -31,7 +31,8 @@ def _runs(indices: list[int]) -> list[tuple[int, int]]:
 
 
 class FramePixels:
-    """Reads frames lazily and turns them into ``(N, 3, S, S)`` pixel tensors."""
+    """Reads frames lazily and turns them into ``(N, 3, S, S)`` uint8 pixel tensors (the
+    processor's ``pixels``: sized, not normalized — the backbone normalizes on its device)."""
 
     def __init__(self, root: str | Path, image_processor):
         self.root = Path(root)
@@ -46,7 +47,7 @@ class FramePixels:
     def load(self, frames_file: str, frames: list[int]) -> torch.Tensor:
         reader = self.reader(frames_file)
         images = [img for a, b in _runs(frames) for img in reader.images(a, b)]
-        return self.processor(images)
+        return self.processor.pixels(images)
 
 
 def cache_key(arch_config: dict, tokens_per_frame: int, image_size: int) -> str:
@@ -118,6 +119,7 @@ def build_feature_cache(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     source = FramePixels(root, image_processor)
+    backbone.use_frame_processor(image_processor)
     shape = None
     for frames_file in tqdm(sorted(set(frames_files)), desc="caching features", unit="video"):
         reader = source.reader(frames_file)
@@ -126,7 +128,7 @@ def build_feature_cache(
         tmp = path.with_suffix(".arrow.tmp")
         writer = None
         for a in range(0, len(reader), batch_size):
-            px = image_processor(reader.images(a, min(a + batch_size, len(reader))))
+            px = source.load(frames_file, list(range(a, min(a + batch_size, len(reader)))))
             feats = backbone.frame_features(px.to(device)).to(torch.float16).cpu().numpy()
             if writer is None:
                 shape = tuple(feats.shape[1:])

@@ -177,16 +177,20 @@ class QwenFrames:
             "temporal_patch_size": temporal_patch_size,
         }
 
-    def __call__(self, images: list) -> torch.Tensor:
+    def pixels(self, images: list) -> torch.Tensor:
+        """(N, 3, S, S) uint8: each frame in RGB, bicubic-resized to S² (a no-op at S²)."""
         from PIL import Image
 
         s = self.image_size
         if not images:
-            return torch.zeros(0, 3, s, s)
+            return torch.zeros(0, 3, s, s, dtype=torch.uint8)
         arrays = [
             np.asarray(im.convert("RGB").resize((s, s), Image.Resampling.BICUBIC)) for im in images
         ]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def __call__(self, images: list) -> torch.Tensor:
+        x = self.pixels(images).float() / 255.0
         return (x - self.mean) / self.std
 
     def save_pretrained(self, folder: str | Path) -> None:

@@ -39,7 +39,7 @@ class SampleCost:
         if cfg.data.feature_cache:  # cached pooled tower outputs: (merge·√k)² patches, 16-bit
             per_frame = shape.merge**2 * cfg.model.tokens_per_frame * shape.vision_hidden * 2
         else:
-            per_frame = 3 * image_size * image_size * 4  # the frame's fp32 pixels
+            per_frame = 3 * image_size * image_size  # the frame's 8-bit pixels
             if not cfg.model.freeze_vision:  # a training tower keeps its activations
                 patches = (image_size // shape.patch_size) ** 2
                 per_frame += patches * shape.vision_layers * shape.vision_hidden * per_unit

@@ -61,7 +61,7 @@ def test_forward_returns_every_loss_and_grads_reach_the_heads(demo_root, tiny_fa
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_half_precision_model_gives_the_fp32_losses(demo_root, tiny_family_dir, dtype):
     """What a GPU run builds (fp16 on a Titan RTX, bf16 on newer cards): the whole model, heads
-    included, in half precision, fed the collator's fp32 pixels. The losses are still fp32 and
+    included, in half precision, fed the collator's 8-bit pixels. The losses are still fp32 and
     within rounding of the fp32 model's; the backward pass reaches the heads."""
     _, ref_model, batch = _setup(demo_root, tiny_family_dir)
     ref = ref_model(**batch)

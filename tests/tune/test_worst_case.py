@@ -108,7 +108,7 @@ def test_the_cost_model_of_each_memory_option():
     assert (lm, ARCH.vocab_size) == (24 * 2048, 49280)
     assert (ARCH.vision_layers, ARCH.vision_hidden, ARCH.patch_size) == (27, 1152, 14)
     tower = (SIZE // ARCH.patch_size) ** 2 * ARCH.vision_layers * ARCH.vision_hidden
-    pixels = 3 * SIZE * SIZE * 4
+    pixels = 3 * SIZE * SIZE  # uint8 on the GPU
     frozen = _cost()  # the defaults: frozen tower online, no checkpointing
     assert (frozen.per_token, frozen.per_frame, frozen.per_label) == (34 * lm, pixels, 12 * 49280)
     assert _cost("model.gradient_checkpointing=true").per_token == 2 * lm
