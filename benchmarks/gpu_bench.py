@@ -205,8 +205,10 @@ def main() -> None:
                 record = stage_autotune(a, ov, work, left)
                 micro = record["summary"]["micro_batch"]
             elif stage == "throughput":
-                extra = ["--micro-batch", str(a.throughput_micro or micro or 2)]
-                extra += ["--no-fit"] if a.dry_run or a.skip_fit else ["--max-micro", "32"]
+                size = a.throughput_micro or micro or 2
+                extra = ["--micro-batch", str(size)]
+                fit = ["--max-micro", "32", "--fit-from", str(size)]  # a bracket around it
+                extra += ["--no-fit"] if a.dry_run or a.skip_fit else fit
                 extra += ["--steps", str(a.throughput_steps), "--warmup", "3"]
                 record = stage_script(a, "throughput.py", "throughput", work, paths, left, extra)
             elif stage == "streaming":

@@ -329,14 +329,19 @@ def _spawn(role: str, args, **extra) -> dict:
 
 def largest_fit(args, role: str) -> dict:
     """Largest micro-batch of one stack under the cap: the same search for both, every probe in
-    a fresh process (a fresh engine and allocator; the Trainer cannot be rebuilt in place)."""
-    from dst_train.tune.search import Probe, search
+    a fresh process (a fresh engine and allocator; the Trainer cannot be rebuilt in place) —
+    the autotuner's from micro-batch 1, or with ``--fit-from N`` a bracket around N (two
+    probes a stack when N is the answer: a GPU lease's minutes)."""
+    from dst_train.tune.search import Probe, search, search_from
 
     def measure(b: int) -> Probe:
         r = _spawn(role, args, micro=b)
         return Probe(b, r["peak_bytes"], r["seconds"], oom=r["oom"])
 
-    r = search(measure, args.limit_bytes, max_micro=args.max_micro)
+    if args.fit_from:
+        r = search_from(measure, args.limit_bytes, args.fit_from, max_micro=args.max_micro)
+    else:
+        r = search(measure, args.limit_bytes, max_micro=args.max_micro)
     return {"micro_batch": r.micro_batch, "probes": len(r.probes)}
 
 
@@ -348,6 +353,12 @@ def main() -> None:
     ap.add_argument("--config", help="run config YAML under the overrides (e.g. a recipe)")
     ap.add_argument("--name", help="result file name (default throughput[_smoke])")
     ap.add_argument("--no-fit", action="store_true", help="skip the largest-micro-batch searches")
+    ap.add_argument(
+        "--fit-from",
+        type=int,
+        default=0,
+        help="start both largest-micro-batch searches at this size (e.g. the autotuner's)",
+    )
     ap.add_argument("--target-gb", type=float, default=24.0)
     ap.add_argument("--fraction", type=float, default=0.9)
     ap.add_argument("--micro-batch", type=int, default=2)

@@ -68,7 +68,7 @@ def test_autotune_bench_smoke(tmp_path):
 
 
 def test_throughput_smoke(tmp_path):
-    out = _run("throughput.py", tmp_path)
+    out = _run("throughput.py", tmp_path, "--fit-from", "4")  # the cap: one probe if it fits
     assert "tokens_per_s_ours_over_hf" in out
     result = json.loads((tmp_path / "throughput_smoke.json").read_text())
     ours, hf = result["rows"]
@@ -76,6 +76,7 @@ def test_throughput_smoke(tmp_path):
     for row in (ours, hf):
         assert row["tokens_per_s"] > 0 and row["samples_per_s"] > 0 and row["peak_gib"] > 0
         assert 1 <= row["largest_micro_batch"] <= 4
+        assert (row["fit_probes"] == 1) == (row["largest_micro_batch"] == 4)
         assert 0 <= row["data_wait_share"] < 1 and row["timed_seconds"] > 0
     assert ours["trainable"] == hf["trainable"]  # the same model under both stacks
     # the same batches in the same order, counted over the same steps: the same work timed

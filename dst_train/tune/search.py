@@ -151,15 +151,49 @@ def doubling_search(
         err = NothingFits("micro-batch 1 does not fit")
         err.result = result
         raise err
-    hi = hi or max_micro + 1
+    result.micro_batch = _bisect(fits, lo, hi or max_micro + 1)
+    return result
+
+
+def search_from(
+    measure: Callable[[int], Probe], limit_bytes: int, start: int, max_micro: int = 4096
+) -> SearchResult:
+    """Largest micro-batch ≤ ``max_micro`` under the limit, searched from a size ``start`` known
+    to be near the answer (a benchmark comparing two stacks near the autotuner's size): steps of
+    1, 2, 4, … away from ``start`` until a size that fits and a larger one that does not bracket
+    the answer, then bisection. Two probes when ``start`` is the answer."""
+    result = SearchResult(0, limit_bytes)
+
+    def fits(b: int) -> bool:
+        p = measure(b)
+        result.probes.append(p)
+        return p.fits(limit_bytes)
+
+    start = max(1, min(start, max_micro))
+    lo, hi, step = (start, None, 1) if fits(start) else (0, start, 1)
+    while hi is None and lo < max_micro:  # going up from a size that fits
+        b = min(lo + step, max_micro)
+        lo, hi, step = (b, None, 2 * step) if fits(b) else (lo, b, step)
+    while lo == 0 and hi > 1:  # going down from a size that does not
+        b = max(hi - step, 1)
+        lo, hi, step = (b, hi, step) if fits(b) else (0, b, 2 * step)
+    if lo == 0:
+        err = NothingFits("micro-batch 1 does not fit")
+        err.result = result
+        raise err
+    result.micro_batch = _bisect(fits, lo, hi or max_micro + 1)
+    return result
+
+
+def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The largest size that fits, given that ``lo`` fits and ``hi`` does not."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid
         else:
             hi = mid
-    result.micro_batch = lo
-    return result
+    return lo
 
 
 def accumulation_for(global_batch: int, micro: int, world: int) -> tuple[int, int]:

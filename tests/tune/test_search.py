@@ -10,6 +10,7 @@ from dst_train.tune.search import (
     accumulation_for,
     doubling_search,
     search,
+    search_from,
 )
 
 GiB = 2**30
@@ -140,6 +141,29 @@ def test_doubling_baseline_finds_the_same_size_with_more_probes():
     check(base, peak)
     # doubling until 16 goes over, then bisecting between 8 and 16 only
     assert [p.micro_batch for p in base.probes] == [1, 2, 4, 8, 16, 12, 14, 15]
+
+
+@pytest.mark.parametrize("start", [1, 5, 13, 14, 15, 16, 20, 40, 200])
+def test_a_search_from_a_known_size_brackets_the_answer(start):
+    """The throughput benchmark's fit search for both stacks, seeded with the autotuner's size:
+    exact wherever it starts, two probes when it starts at the answer, few when near it."""
+    peak = linear(16 * GiB, 0.4 * GiB)  # 14 is the largest under the limit
+    r = search_from(curve(peak), LIMIT, start, max_micro=64)
+    check(r, peak)
+    assert r.micro_batch == 14
+    sizes = [p.micro_batch for p in r.probes]
+    assert sizes[0] == min(start, 64)
+    assert len(sizes) <= {13: 4, 14: 2, 15: 2, 16: 4}.get(start, 12), sizes
+    oom = search_from(curve(peak, oom_above=9), LIMIT, 14, max_micro=64)  # OOM, no peak
+    assert oom.micro_batch == 9 and [p.micro_batch for p in oom.probes] == [14, 13, 11, 7, 9, 10]
+
+
+def test_a_search_from_a_known_size_says_when_nothing_fits_or_caps():
+    with pytest.raises(NothingFits) as err:
+        search_from(curve(linear(23 * GiB, 1 * GiB)), LIMIT, 6)
+    assert [p.micro_batch for p in err.value.result.probes] == [6, 5, 3, 1]
+    r = search_from(curve(linear(1 * GiB, 0.01 * GiB)), LIMIT, 6, max_micro=16)
+    assert r.micro_batch == 16 and [p.micro_batch for p in r.probes] == [6, 7, 9, 13, 16]
 
 
 def test_accumulation_keeps_the_global_batch():
