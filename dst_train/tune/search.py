@@ -133,12 +133,7 @@ def doubling_search(
     """The baseline (Lightning's ``binsearch`` mode): double until a size fails, then bisect
     between the last good and the first failing size."""
     result = SearchResult(0, limit_bytes)
-
-    def fits(b: int) -> bool:
-        p = measure(b)
-        result.probes.append(p)
-        return p.fits(limit_bytes)
-
+    fits = _recorded(measure, result)
     lo, hi = 0, None
     b = 1
     while b <= max_micro:
@@ -147,12 +142,7 @@ def doubling_search(
         else:
             hi = b
             break
-    if lo == 0:
-        err = NothingFits("micro-batch 1 does not fit")
-        err.result = result
-        raise err
-    result.micro_batch = _bisect(fits, lo, hi or max_micro + 1)
-    return result
+    return _bisected(result, fits, lo, hi or max_micro + 1)
 
 
 def search_from(
@@ -163,12 +153,7 @@ def search_from(
     1, 2, 4, … away from ``start`` until a size that fits and a larger one that does not bracket
     the answer, then bisection. Two probes when ``start`` is the answer."""
     result = SearchResult(0, limit_bytes)
-
-    def fits(b: int) -> bool:
-        p = measure(b)
-        result.probes.append(p)
-        return p.fits(limit_bytes)
-
+    fits = _recorded(measure, result)
     start = max(1, min(start, max_micro))
     lo, hi, step = (start, None, 1) if fits(start) else (0, start, 1)
     while hi is None and lo < max_micro:  # going up from a size that fits
@@ -177,23 +162,35 @@ def search_from(
     while lo == 0 and hi > 1:  # going down from a size that does not
         b = max(hi - step, 1)
         lo, hi, step = (b, hi, step) if fits(b) else (0, b, 2 * step)
+    return _bisected(result, fits, lo, hi or max_micro + 1)
+
+
+def _recorded(measure: Callable[[int], Probe], result: SearchResult) -> Callable[[int], bool]:
+    """``fits(b)``: probe ``b``, keep the probe in ``result``, say whether it is under the limit."""
+
+    def fits(b: int) -> bool:
+        p = measure(b)
+        result.probes.append(p)
+        return p.fits(result.limit_bytes)
+
+    return fits
+
+
+def _bisected(result: SearchResult, fits, lo: int, hi: int) -> SearchResult:
+    """``result`` with the largest size that fits, given that ``lo`` fits (0: none did, which
+    raises :class:`NothingFits`) and ``hi`` does not."""
     if lo == 0:
         err = NothingFits("micro-batch 1 does not fit")
         err.result = result
         raise err
-    result.micro_batch = _bisect(fits, lo, hi or max_micro + 1)
-    return result
-
-
-def _bisect(fits: Callable[[int], bool], lo: int, hi: int) -> int:
-    """The largest size that fits, given that ``lo`` fits and ``hi`` does not."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid
         else:
             hi = mid
-    return lo
+    result.micro_batch = lo
+    return result
 
 
 def accumulation_for(global_batch: int, micro: int, world: int) -> tuple[int, int]:
