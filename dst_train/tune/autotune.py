@@ -132,7 +132,8 @@ def cache_key(
     tokens per frame, LoRA, ...), every data option (sequence length, frames per sample, feature
     cache, ...), the DeepSpeed template (ZeRO stage, offload), device, ranks, target, fraction,
     the global batch (it decides the accumulation written to tuned.yaml), whether a Turing card
-    is emulated (fp16 + SDPA), library versions."""
+    is emulated (fp16 + SDPA), library versions and dst-train's own code
+    (:func:`source_digest`)."""
     import deepspeed
     import transformers
 
@@ -154,8 +155,22 @@ def cache_key(
         "global_batch": global_batch,
         "turing": bool(emulated and "dtype" in emulated),
         "versions": [torch.__version__, deepspeed.__version__, transformers.__version__],
+        "dst_train": source_digest(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def source_digest(root: Path = PACKAGE_DIR) -> str:
+    """sha256 over the Python sources under ``root`` (this package): an answer cached before
+    any change to the code that builds and runs the step is not reused. The package version
+    does not say it — moving frames in 8 bits changed every probe's peak, not 0.1.0."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def measure_context(local_rank: int, cuda=torch.cuda) -> tuple[int, str]:

@@ -10,6 +10,7 @@ from dst_train.tune.autotune import (
     cache_key,
     emulate_target,
     measure_context,
+    source_digest,
     tuned_config,
 )
 from dst_train.tune.memory import DEFAULT_CONTEXT_BYTES, outside_allocator
@@ -97,6 +98,27 @@ def test_the_cache_key_holds_every_memory_option():
     assert key(emulated={"dtype": "fp16", "attention": "sdpa"}) != base
     # the measured context varies from run to run by a few MB: not part of the key
     assert key(emulated={"context_bytes": 1}) == key(emulated={"context_bytes": 2})
+
+
+def test_the_cache_key_changes_with_dst_trains_own_code(tmp_path, monkeypatch):
+    """A tuning cached before a change to our step (8-bit frames changed every peak) is not
+    reused: the key holds a digest of the package's sources, not its unchanged version."""
+    import dst_train.tune.autotune as autotune
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "frames.py").write_text("PIXEL_BYTES = 4\n")
+    (tmp_path / "README.md").write_text("not code")
+    before = source_digest(tmp_path)
+    assert source_digest(tmp_path) == before
+    (tmp_path / "README.md").write_text("still not code")
+    assert source_digest(tmp_path) == before
+    (tmp_path / "model" / "frames.py").write_text("PIXEL_BYTES = 1\n")
+    assert source_digest(tmp_path) != before
+    assert len(source_digest()) == 16  # the installed package's
+    cfg = load_config(None, ["model.arch=smolvlm2-2.2b"])
+    old = cache_key(cfg, 24, 0.9, 2, 8)
+    monkeypatch.setattr(autotune, "source_digest", lambda: "changed")
+    assert cache_key(cfg, 24, 0.9, 2, 8) != old
 
 
 def test_a_peak_without_nvml_still_counts_a_context():
