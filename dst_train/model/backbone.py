@@ -305,7 +305,7 @@ def pixel_table(processor: FrameProcessor) -> torch.Tensor:
         raise ValueError(f"frame size {s}: too small to hold the 256 pixel values")
     ramp = (np.arange(s * s) % 256).astype(np.uint8).reshape(s, s)
     frame = Image.fromarray(np.repeat(ramp[..., None], 3, axis=2))
-    with torch.device("cpu"):  # a model built under ``torch.device("meta")`` asks at run time
+    with torch.device("cpu"):  # on the host, whatever default device the caller has set
         if not torch.equal(processor.pixels([frame])[0, 0], torch.from_numpy(ramp)):
             raise ValueError(f"{type(processor).__name__} changes a frame of its own size")
         return processor([frame])[0].reshape(3, -1)[:, :256].float().contiguous()
