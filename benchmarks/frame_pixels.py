@@ -58,17 +58,19 @@ class FrameWindows(torch.utils.data.Dataset):
         return self.make(self.reader.images(*self.spans[i]))
 
 
-def loader_rate(path: Path, spans, make, workers: int, repeats: int) -> float:
-    """Frames/s through a DataLoader with ``workers`` workers (decode, pixels, and the hand-over
-    to the training process through shared memory), worker start included."""
+def loader_rate(path: Path, spans, make, workers: int, repeats: int) -> tuple[float, float]:
+    """(frames/s, bytes handed over per frame) through a DataLoader with ``workers`` workers
+    (decode, pixels, and the hand-over to the training process through shared memory), worker
+    start included."""
 
-    def run() -> int:
+    def run() -> tuple[int, int]:
         ds = FrameWindows(path, spans, make)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-        return sum(len(x) for x in loader)
+        got = [(len(x), x.numel() * x.element_size()) for x in loader]
+        return sum(n for n, _ in got), sum(b for _, b in got)
 
-    seconds, frames = _best_seconds(run, repeats)
-    return frames / seconds
+    seconds, (frames, nbytes) = _best_seconds(run, repeats)
+    return frames / seconds, nbytes / frames
 
 
 def measure(arch: str, proc, reader, args) -> list[dict]:
@@ -102,7 +104,8 @@ def measure(arch: str, proc, reader, args) -> list[dict]:
             "worker_ms_per_frame": 1e3 * old_s / frames,
             "bytes_per_frame": old[0][0].numel() * old[0].element_size(),
             "device_ms_per_frame": 0.0,
-            "loader_frames_per_s": rates[0],
+            "loader_frames_per_s": rates[0][0],
+            "loader_bytes_per_frame": rates[0][1],
         },
         {
             **common,
@@ -110,7 +113,8 @@ def measure(arch: str, proc, reader, args) -> list[dict]:
             "worker_ms_per_frame": 1e3 * new_s / frames,
             "bytes_per_frame": new[0][0].numel() * new[0].element_size(),
             "device_ms_per_frame": 1e3 * norm_s / frames,
-            "loader_frames_per_s": rates[1],
+            "loader_frames_per_s": rates[1][0],
+            "loader_bytes_per_frame": rates[1][1],
         },
     ]
 

@@ -121,6 +121,7 @@ def test_frame_pixels_smoke(tmp_path):
     fp32, uint8 = result["rows"]
     assert fp32["equal"] and uint8["equal"]  # the model's normalization = the processor's
     assert fp32["loader_frames_per_s"] > 0 and uint8["loader_frames_per_s"] > 0
+    assert uint8["loader_bytes_per_frame"] * 4 == fp32["loader_bytes_per_frame"] == 3 * 32 * 32 * 4
     assert uint8["bytes_per_frame"] * 4 == fp32["bytes_per_frame"] == 3 * 32 * 32 * 4
     assert result["ratios"]["tiny"]["bytes_uint8_over_fp32"] == 0.25
 

@@ -89,8 +89,8 @@ class SmolVLMFrames:
     def pixels(self, images: list) -> torch.Tensor:
         """(N, 3, S, S) uint8. An RGB frame already S² (ProAssist's 384-px frames at 384) is
         taken as it is — the processor's resize returns it unchanged, and skipping the processor
-        took a 384-px frame, JPEG decode included, from 10.6 to 1.5 ms on the development
-        machine (benchmarks/frame_pixels.py); any other is resized by the processor itself,
+        took a 384-px frame, JPEG decode included, from 10.6–12.3 ms to 1.4–1.5 ms on the
+        development machine (benchmarks/frame_pixels.py); any other is resized by the processor,
         without its rescale and normalize."""
         s = self.image_size
         arrays = [
