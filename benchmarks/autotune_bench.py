@@ -67,7 +67,7 @@ def child(args) -> dict:
     if args.method == "calibrate":
         return {"probes": [asdict(prober(1)), asdict(prober(4))]}
     if args.method == "verify":  # `verify_steps` steps at a given size (e.g. autotune's choice)
-        prober.steps = args.verify_steps
+        prober.steps, prober.stop_at = args.verify_steps, args.stop_at or None
         return {"emulated": emulated, **asdict(prober(args.max_micro))}
     limit = args.limit_bytes
     t0 = time.perf_counter()
@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--method", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", help=argparse.SUPPRESS)
     ap.add_argument("--limit-bytes", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--stop-at", type=float, default=0.0, help=argparse.SUPPRESS)  # epoch s
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)

@@ -150,8 +150,13 @@ def test_gpu_bench_dry_run_runs_every_stage(tmp_path):
     assert tune["dry_run"] is True and tune["versions"]["deepspeed"]
     s = tune["summary"]
     assert 1 <= s["micro_batch"] <= 4 and s["probes"] >= 1 and 0 < s["peak_over_target"] < 1
-    assert s["verify_oom"] is False and s["verify_real_steps"] >= 1
     assert tune["report"]["worst_case"]["frames"] > 0
+    # the check after tuning, at the chosen size: asked for more steps than fit, it stopped at
+    # its time (--verify-seconds) and says how many ran
+    v = json.loads((tmp_path / "gpu_verify.json").read_text())["summary"]
+    assert v["micro_batch"] == s["micro_batch"] and v["oom"] is False
+    assert 1 <= v["steps_run"] < v["steps_asked"] and not v["complete"]
+    assert 1 <= v["real_steps"] <= v["steps_run"] and 0 < v["peak_over_target"] < 1
     rows = json.loads((tmp_path / "gpu_throughput.json").read_text())["rows"]
     assert [r["stack"] for r in rows] == ["ours", "hf"]
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
@@ -162,3 +167,17 @@ def test_gpu_bench_dry_run_runs_every_stage(tmp_path):
     stream = json.loads((tmp_path / "gpu_streaming.json").read_text())["rows"]
     assert [r["batch_size"] for r in stream] == [1, 8]
     assert all(r["frames_per_s"] > 0 and r["same_as_batch1"] == 1.0 for r in stream)
+
+
+def test_the_gpu_bench_frames_are_the_size_the_model_takes_as_they_are(tmp_path):
+    """On a GPU the bench's loader must do what it does on real data (ProAssist's 384-px frames:
+    decoded and used as they are), not resize small frames, 2-3x the CPU time per frame."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.gpu_bench import prepare
+    from dst_train.data.proassist import FrameReader
+    from dst_train.model.backbone import load_image_processor
+
+    paths = prepare(tmp_path, "smolvlm2-2.2b", dry_run=False, videos=1)
+    size = load_image_processor(str(paths["model"])).image_size
+    (frames_file,) = (paths["data"] / "frames").iterdir()
+    assert size == 384 and FrameReader(frames_file).images(0, 1)[0].size == (size, size)

@@ -78,13 +78,19 @@ class Prober:
     have run *and* the last one ran with the optimizer state present (after a real step). With
     fp16, DeepSpeed skips steps whose gradients overflow (the first ones, at loss scale 2^16) and
     creates the Adam state only at the first real step: a probe of skipped steps misses 12 bytes
-    per trainable parameter."""
+    per trainable parameter.
+
+    ``stop_at`` (a ``clock()`` reading, by default ``time.time()``: seconds since the epoch, so
+    another process can set it) ends a long probe — the GPU bench's check after tuning — after
+    the step during which it passed; ``Probe.steps`` says how many ran."""
 
     def __init__(
         self, engine, sample, collate, device, steps: int = 2, max_steps: int = 24, cuda=None
     ):
         self.engine, self.sample, self.collate = engine, sample, collate
         self.device, self.steps, self.max_steps, self.cuda = device, steps, max_steps, cuda
+        self.stop_at: float | None = None
+        self.clock = time.time
 
     def __call__(self, b: int) -> Probe:
         from dst_train.engine.trainer import to_device
@@ -93,7 +99,7 @@ class Prober:
         batch = to_device(self.collate([self.sample] * b), self.device)
         oom = False
         t0 = time.perf_counter()
-        real_steps = 0
+        real_steps = steps = 0
         with PeakMemory(self.device, cuda=self.cuda) as mem:
             try:
                 for n in range(1, max(self.steps, self.max_steps) + 1):
@@ -103,8 +109,9 @@ class Prober:
                     self.engine.backward(out["loss"])
                     self.engine.step()
                     del out
+                    steps += 1
                     real_steps += self.engine.skipped_steps == skipped
-                    if n >= self.steps and state_existed:
+                    if n >= self.steps and state_existed or self._past_deadline():
                         break
             except torch.OutOfMemoryError:
                 oom = True
@@ -115,9 +122,19 @@ class Prober:
         agreed = torch.tensor([mem.peak_bytes, int(oom)], dtype=torch.float64, device=self.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+        seconds = time.perf_counter() - t0
         return Probe(
-            b, int(agreed[0]), time.perf_counter() - t0, oom=bool(agreed[1]), real_steps=real_steps
+            b, int(agreed[0]), seconds, oom=bool(agreed[1]), real_steps=real_steps, steps=steps
         )
+
+    def _past_deadline(self) -> bool:
+        """``stop_at`` has passed — on any rank, so that all stop after the same step."""
+        if self.stop_at is None:
+            return False
+        past = torch.tensor([float(self.clock() >= self.stop_at)], device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(past, op=torch.distributed.ReduceOp.MAX)
+        return bool(past.item())
 
 
 def cache_key(

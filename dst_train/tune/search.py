@@ -29,6 +29,7 @@ class Probe:
     oom: bool = False
     predicted_bytes: int | None = None  # what the line predicted before this probe
     real_steps: int | None = None  # optimizer steps that were not skipped (fp16 overflow)
+    steps: int | None = None  # steps run (fewer than asked when a deadline stopped the probe)
 
     def fits(self, limit: int) -> bool:
         return not self.oom and self.peak_bytes <= limit

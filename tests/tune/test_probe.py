@@ -125,6 +125,21 @@ def test_a_long_probe_runs_every_step_asked_for():
     assert prober(2).real_steps == 40 and engine.steps == 40
 
 
+def test_a_long_probe_stops_at_its_deadline_and_says_how_far_it_got():
+    # a lease's check after tuning: 100 steps may not fit its minutes; the steps that ran are
+    # the result (the clock is the wall clock's stand-in: each step takes 1 s)
+    cuda = CachingAllocator(64 * GiB)
+    engine = Engine(cuda, overflows=2)
+    prober = _prober(cuda, engine)
+    prober.steps, prober.clock = 100, lambda: float(engine.steps)
+    prober.stop_at = 10.0
+    probe = prober(2)
+    assert engine.steps == 10 and probe.steps == 10 and probe.real_steps == 8
+    assert not probe.oom and probe.peak_bytes == (2 + 3 + 2) * GiB
+    prober.stop_at = None  # no deadline: every step asked for
+    assert prober(2).steps == 100 and engine.steps == 110
+
+
 class Overflowing:
     """A real DeepSpeed engine whose first ``k`` losses are inf: DeepSpeed's own overflow check
     then skips those steps (as fp16 at loss scale 2^16 does), and creates no Adam state."""
@@ -187,10 +202,17 @@ def _rank_probes(rank: int, port: int, out_dir: str) -> None:
     prober = _prober(cuda, WideEngine(cuda, per_sample=1 + rank))
     found = {b: prober(b) for b in (2, 6)}  # rank 1 needs 2+3+12 GiB for 6: out of memory
     result = search(prober, 16 * GiB, max_micro=16)
+    # a long probe whose deadline passes on rank 0 after 3 steps and on rank 1 after 5: both stop
+    # after the 3rd (a rank stepping on alone would wait forever in a gradient collective)
+    engine = prober.engine
+    start = engine.steps
+    prober.steps, prober.stop_at = 100, 3.0 + 2 * rank
+    prober.clock = lambda: float(engine.steps - start)
+    long = prober(1)
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         peaks = {b: p.peak_bytes for b, p in found.items()}
         oom = {b: p.oom for b, p in found.items()}
-        json.dump({"peaks": peaks, "oom": oom, "best": result.micro_batch}, f)
+        json.dump({"peaks": peaks, "oom": oom, "best": result.micro_batch, "steps": long.steps}, f)
     torch.distributed.destroy_process_group()
 
 
@@ -208,3 +230,4 @@ def test_every_rank_gets_the_largest_peak_and_any_rank_out_of_memory(tmp_path):
     assert ranks[0]["peaks"]["2"] == (2 + 3 + 2 * 2) * GiB  # rank 1's peak, on both
     assert ranks[0]["oom"] == {"2": False, "6": True}  # rank 0 alone fits 6
     assert ranks[0]["best"] == 5  # 2 + 3 + 2 × 5 = 15 GiB on rank 1: the most both fit
+    assert ranks[0]["steps"] == 3  # both stopped at the first rank's deadline
