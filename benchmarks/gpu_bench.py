@@ -16,9 +16,11 @@ Stages, each in its own processes, each writing ``OUT/gpu_<stage>.json`` as soon
               OOM or not. Stepping stops early at the stage's deadline (or after
               ``--verify-seconds``), and the record says how many steps ran
   throughput  benchmarks/throughput.py: our loop vs the HF Trainer with the same DeepSpeed
-              config at the tuned micro-batch (tokens/s, peak, MFU), then the largest
-              micro-batch each stack fits under the same cap (the dry run skips this part:
-              tests/test_benchmarks.py runs it in the throughput smoke test)
+              config at the tuned micro-batch (tokens/s, peak, MFU, share of time waiting
+              for batches)
+  fit         benchmarks/throughput.py --fit-only: the largest micro-batch each stack fits
+              under the same cap, every probe a fresh process, the search started at the
+              throughput micro-batch (the dry run caps it there: one probe a stack)
   bench       benchmarks/autotune_bench.py: our search vs doubling + binary search
   streaming   benchmarks/streaming.py: streaming evaluation (random weights, heads that vary
               per frame) of ``--stream-clips`` test clips, batch 1 vs 8: frames/s, and that
@@ -42,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import write_result  # noqa: E402
 
-STAGES = ("autotune", "verify", "throughput", "bench", "streaming")
+STAGES = ("autotune", "verify", "throughput", "fit", "bench", "streaming")
 GiB = 2**30
 
 
@@ -159,7 +161,8 @@ def stage_script(a, script: str, name: str, work: Path, paths: dict, timeout: fl
     cmd += ["--fraction", str(a.fraction), "--out", str(work / "results"), "--name", name]
     _run(cmd + extra, timeout, work / f"{name}.log")
     record = json.loads((work / "results" / f"{name}.json").read_text())
-    return {**record, "summary": {"rows": record["rows"], "ratios": record["ratios"]}}
+    summary = {k: record[k] for k in ("rows", "fits", "ratios") if record.get(k)}
+    return {**record, "summary": summary}
 
 
 def stage_streaming(a, work: Path, paths: dict, timeout: float) -> dict:
@@ -199,12 +202,7 @@ def main() -> None:
     ap.add_argument(
         "--throughput-micro",
         type=int,
-        help="throughput's micro-batch (default: the autotune stage's choice, else 2)",
-    )
-    ap.add_argument(
-        "--skip-fit",
-        action="store_true",
-        help="throughput: skip each stack's largest-micro-batch search (a probe per process)",
+        help="throughput's and fit's micro-batch (default: the autotune stage's choice, else 2)",
     )
     ap.add_argument("--videos", type=int, default=24, help="synthetic dataset size")
     ap.add_argument("--stream-clips", type=int, default=8, help="clips the streaming stage runs")
@@ -213,7 +211,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="scratch folder (default runs/gpu-bench[-dry])")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     a = ap.parse_args()
-    if a.dry_run:  # verify: more steps than fit (~100 ms each), so it stops at --verify-seconds
+    if a.dry_run:  # verify: more steps than fit (~0.4 s each here), so it stops at --verify-seconds
         a.verify_steps, a.verify_seconds = 1000, a.verify_seconds or 25.0
         a.max_micro, a.throughput_steps, a.stream_clips = 4, 4, 2
     work = a.work or ROOT / ("runs/gpu-bench-dry" if a.dry_run else "runs/gpu-bench")
@@ -241,11 +239,14 @@ def main() -> None:
                 record = stage_verify(a, ov, work, size, left)
             elif stage == "throughput":
                 size = a.throughput_micro or micro or 2
-                extra = ["--micro-batch", str(size)]
-                fit = ["--max-micro", "32", "--fit-from", str(size)]  # a bracket around it
-                extra += ["--no-fit"] if a.dry_run or a.skip_fit else fit
+                extra = ["--micro-batch", str(size), "--no-fit"]
                 extra += ["--steps", str(a.throughput_steps), "--warmup", "3"]
                 record = stage_script(a, "throughput.py", "throughput", work, paths, left, extra)
+            elif stage == "fit":  # a bracket around the throughput size
+                size = a.throughput_micro or micro or 2
+                cap = size if a.dry_run else 32
+                extra = ["--fit-only", "--fit-from", str(size), "--max-micro", str(cap)]
+                record = stage_script(a, "throughput.py", "fit", work, paths, left, extra)
             elif stage == "streaming":
                 record = stage_streaming(a, work, paths, left)
             elif stage == "bench":

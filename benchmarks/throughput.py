@@ -354,6 +354,11 @@ def main() -> None:
     ap.add_argument("--name", help="result file name (default throughput[_smoke])")
     ap.add_argument("--no-fit", action="store_true", help="skip the largest-micro-batch searches")
     ap.add_argument(
+        "--fit-only",
+        action="store_true",
+        help="only the largest-micro-batch searches (a stage of its own in a short GPU lease)",
+    )
+    ap.add_argument(
         "--fit-from",
         type=int,
         default=0,
@@ -387,16 +392,34 @@ def main() -> None:
         else:
             overrides = gpu_overrides(args.data, args.arch, Path(tmp))
         args.overrides = json.dumps(overrides)
-        rows = [{"stack": name, **_spawn(name, args)} for name in ("ours", "hf")]
-        # the memory cap for the fit search: the target card, or (CPU smoke) 1.5 × our peak
-        args.limit_bytes = (
-            int(1.5 * rows[0]["peak_bytes"])
-            if args.smoke
-            else int(args.fraction * args.target_gb * GiB)
-        )
+        stacks = () if args.fit_only else ("ours", "hf")
+        rows = [{"stack": name, **_spawn(name, args)} for name in stacks]
+        args.limit_bytes = fit_limit(args, rows)
         fits = {}
         if not args.no_fit:
             fits = {"ours": largest_fit(args, "ours_probe"), "hf": largest_fit(args, "hf_worst")}
+    name = args.name or ("throughput_smoke" if args.smoke else "throughput")
+    result = {"micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup}
+    result.update(limit_bytes=args.limit_bytes, fits=fits)
+    result.update(rates_table(rows, fits) if rows else {"rows": [], "ratios": {}})
+    if fits:
+        ratio = fits["ours"]["micro_batch"] / max(fits["hf"]["micro_batch"], 1)
+        result["ratios"]["largest_micro_batch_ours_over_hf"] = ratio
+        print(json.dumps({"fits": fits, "ratios": result["ratios"]}))
+    print(f"wrote {write_result(name, result, args.out)}")
+
+
+def fit_limit(args, rows: list[dict]) -> int:
+    """The memory cap of the fit search: the target card's fraction, or (CPU smoke) 1.5 × our
+    loop's peak (from its row, else from a run of it)."""
+    if not args.smoke:
+        return int(args.fraction * args.target_gb * GiB)
+    peak = rows[0]["peak_bytes"] if rows else _spawn("ours", args)["peak_bytes"]
+    return int(1.5 * peak)
+
+
+def rates_table(rows: list[dict], fits: dict) -> dict:
+    """Print both stacks' rates; their rows and ratios."""
     for row in rows:
         row["peak_gib"] = row.pop("peak_bytes") / GiB
         row["largest_micro_batch"] = fits.get(row["stack"], {}).get("micro_batch")
@@ -425,20 +448,7 @@ def main() -> None:
         "peak_ours_over_hf": ours["peak_gib"] / hf["peak_gib"],
     }
     print(json.dumps(ratios))
-    name = args.name or ("throughput_smoke" if args.smoke else "throughput")
-    path = write_result(
-        name,
-        {
-            "micro_batch": args.micro_batch,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "limit_bytes": args.limit_bytes,
-            "rows": rows,
-            "ratios": ratios,
-        },
-        args.out,
-    )
-    print(f"wrote {path}")
+    return {"rows": rows, "ratios": ratios}
 
 
 if __name__ == "__main__":

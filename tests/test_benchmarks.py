@@ -79,6 +79,9 @@ def test_throughput_smoke(tmp_path):
         assert (row["fit_probes"] == 1) == (row["largest_micro_batch"] == 4)
         assert 0 <= row["data_wait_share"] < 1 and row["timed_seconds"] > 0
     assert ours["trainable"] == hf["trainable"]  # the same model under both stacks
+    fits = {k: v["micro_batch"] for k, v in result["fits"].items()}
+    assert fits == {"ours": ours["largest_micro_batch"], "hf": hf["largest_micro_batch"]}
+    assert result["ratios"]["largest_micro_batch_ours_over_hf"] == fits["ours"] / fits["hf"]
     # the same batches in the same order, counted over the same steps: the same work timed
     assert ours["timed_tokens"] == hf["timed_tokens"] and ours["padding"] == hf["padding"]
 
@@ -161,6 +164,11 @@ def test_gpu_bench_dry_run_runs_every_stage(tmp_path):
     assert [r["stack"] for r in rows] == ["ours", "hf"]
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in rows)
     assert rows[0]["timed_tokens"] == rows[1]["timed_tokens"]
+    # the fit searches, a stage of their own: capped at the throughput size in the dry run
+    size = json.loads((tmp_path / "gpu_throughput.json").read_text())["micro_batch"]
+    fit = json.loads((tmp_path / "gpu_fit.json").read_text())
+    assert fit["rows"] == [] and fit["ratios"]["largest_micro_batch_ours_over_hf"] == 1.0
+    assert fit["fits"] == {k: {"micro_batch": size, "probes": 1} for k in ("ours", "hf")}
     bench = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     assert [r["method"] for r in bench] == ["ours", "doubling"]
     assert all(r["peak_over_limit"] <= 1.0 for r in bench)
