@@ -204,7 +204,10 @@ def emulate_target(
     take what such a card leaves after the CUDA context: ``target − context`` (the context is
     measured here by NVML, else :data:`DEFAULT_CONTEXT_BYTES`; ``context`` = (bytes, source)
     overrides). Capped only when this GPU is bigger. ``turing``: the target runs fp16 + SDPA
-    (no bf16, no FlashAttention-2) — :func:`apply_emulation` forces them on the probe config.
+    (no bf16, no FlashAttention-2) — :func:`apply_emulation` forces them on the probe config —
+    and SDPA's kernels are those sm75 has: PyTorch's FlashAttention and cuDNN attention are
+    switched off for this process (on Turing SDPA runs the memory-efficient kernel, whose buffers
+    differ). Like the allocator cap, this is for a process that only probes.
     Returns what was done (None on CPU). ``cuda``: the memory API (tests pass a double)."""
     if not cuda.is_available():
         return None
@@ -216,7 +219,9 @@ def emulate_target(
         cuda.set_per_process_memory_fraction(share, local_rank)
         done["allocator_share"] = share
     if turing:
-        done.update(dtype="fp16", attention="sdpa")
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        done.update(dtype="fp16", attention="sdpa", sdpa_backends=["mem_efficient", "math"])
     return done
 
 

@@ -4,6 +4,9 @@ cache key holds everything that changes memory."""
 
 from types import SimpleNamespace
 
+import pytest
+import torch
+
 from dst_train.config import load_config
 from dst_train.tune.autotune import (
     apply_emulation,
@@ -81,6 +84,28 @@ def test_turing_kernels_only_on_request_and_the_tuned_config_keeps_the_targets_p
     assert (tuned.model.dtype, tuned.model.attention) == ("fp16", "sdpa")
     assert (tuned.train.micro_batch_size, tuned.train.grad_accum) == (4, 2)
     assert cfg.model.dtype == "auto"  # the caller's config is untouched
+
+
+@pytest.fixture(autouse=True)
+def sdpa_flags():
+    """SDPA's backend switches (process-wide; Turing emulation turns two off), restored after
+    each test: the CPU's SDPA reads them too."""
+    b = torch.backends.cuda
+    saved = (b.flash_sdp_enabled(), b.cudnn_sdp_enabled(), b.mem_efficient_sdp_enabled())
+    yield b
+    b.enable_flash_sdp(saved[0]), b.enable_cudnn_sdp(saved[1]), b.enable_mem_efficient_sdp(saved[2])
+
+
+def test_an_emulated_turing_card_runs_the_attention_kernels_a_turing_card_has(sdpa_flags):
+    # sm75 has neither PyTorch's FlashAttention nor cuDNN attention: SDPA runs the memory-efficient
+    # kernel there, whose buffers differ, so a bigger card's probes must not pick the others
+    b = sdpa_flags
+    emulate_target(40 * GiB, 0, cuda=FakeCuda(80 * GiB), context=(0, "nvml"))
+    assert b.flash_sdp_enabled() and b.cudnn_sdp_enabled()  # not asked: untouched
+    done = emulate_target(24 * GiB, 0, turing=True, cuda=FakeCuda(80 * GiB), context=(0, "x"))
+    assert not b.flash_sdp_enabled() and not b.cudnn_sdp_enabled()
+    assert b.mem_efficient_sdp_enabled() and b.math_sdp_enabled()
+    assert done["sdpa_backends"] == ["mem_efficient", "math"]
 
 
 def test_the_cache_key_holds_every_memory_option():
