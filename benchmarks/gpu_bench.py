@@ -198,7 +198,7 @@ def main() -> None:
         help="verify: stop stepping this long after the stage starts (0: at its deadline)",
     )
     ap.add_argument("--max-micro", type=int, default=64)
-    ap.add_argument("--throughput-steps", type=int, default=20)
+    ap.add_argument("--throughput-steps", type=int, default=12)
     ap.add_argument(
         "--throughput-micro",
         type=int,
