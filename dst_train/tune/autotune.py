@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from dst_train.atomic_io import write_text_atomic
 from dst_train.config import RunConfig, to_dict
 from dst_train.tune.memory import nvml_process_bytes, outside_allocator
 from dst_train.tune.search import NothingFits, Probe, SearchResult, accumulation_for, search
@@ -284,8 +285,8 @@ def autotune(
     )
     key = cache_key(cfg, target_gb, fraction, world, global_batch, emulated)
     cached = cache_dir / f"{key}.json"
-    if use_cache and cached.is_file():
-        report = json.loads(cached.read_text())
+    report = read_cached(cached) if use_cache else None
+    if report is not None:
         report["from_cache"] = str(cached)
         _write(report, cfg, out, rank)
         return report
@@ -329,8 +330,20 @@ def autotune(
     _write(report, cfg, out, rank)
     if rank == 0 and use_cache:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps(report, indent=2))
+        write_text_atomic(cached, json.dumps(report, indent=2))
     return report
+
+
+def read_cached(path: Path) -> dict | None:
+    """A cached report, or None when there is none or it cannot be read (a file cut short by a
+    crash before writes were atomic, or edited by hand: measured again, and rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        print(f"{path}: unreadable autotune cache entry ({err}); measuring again", flush=True)
+        return None
 
 
 def _device_name(device: torch.device) -> str:

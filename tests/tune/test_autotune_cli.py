@@ -101,6 +101,11 @@ def test_a_second_run_reads_the_cache_and_no_cache_measures_again(
     assert second["probes"] == first["probes"] and second["micro_batch"] == first["micro_batch"]
     third = report("--no-cache")
     assert "from_cache" not in third and third["probes"] != first["probes"]  # measured again
+    assert json.loads(cached[0].read_text())["probes"] == first["probes"]  # and not cached
+    cached[0].write_text('{"probes": [')  # a cache entry cut short (a crash mid-write)
+    again = report()
+    assert "from_cache" not in again and again["micro_batch"] == first["micro_batch"]
+    assert json.loads(cached[0].read_text())["probes"] == again["probes"]  # whole again
     other = report("--fraction", "0.8")  # another key: measured, cached beside the first
     assert "from_cache" not in other
     assert len(list(cached[0].parent.glob("*.json"))) == 2

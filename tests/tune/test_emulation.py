@@ -2,6 +2,7 @@
 Turing kernels only when asked, the tuned config keeps the precision the target runs, and the
 cache key holds everything that changes memory."""
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +17,7 @@ from dst_train.tune.autotune import (
     source_digest,
     tuned_config,
 )
-from dst_train.tune.memory import DEFAULT_CONTEXT_BYTES, outside_allocator
+from dst_train.tune.memory import DEFAULT_CONTEXT_BYTES, nvml_process_bytes, outside_allocator
 
 GiB = 2**30
 
@@ -151,3 +152,26 @@ def test_a_peak_without_nvml_still_counts_a_context():
     assert outside_allocator(3 * GiB, 2 * GiB) == (GiB, "nvml")
     assert outside_allocator(GiB, 2 * GiB) == (0, "nvml")
     assert outside_allocator(None, 2 * GiB) == (DEFAULT_CONTEXT_BYTES, "default")
+
+
+def test_nvml_counts_this_process_only(monkeypatch):
+    # NVML lists every process on the GPU (the other rank of a 2-GPU box, a desktop): the context
+    # is this process's entry; none (a container hiding the list, no NVML) reads as unknown
+    import os
+
+    listed = []
+    nvml = SimpleNamespace(
+        nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetComputeRunningProcesses=lambda handle: listed,
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    entry = lambda pid, used: SimpleNamespace(pid=pid, usedGpuMemory=used)  # noqa: E731
+    listed += [entry(os.getpid() + 1, 5 * GiB), entry(os.getpid(), GiB), entry(1, 2 * GiB)]
+    assert nvml_process_bytes(0) == GiB
+    listed[1] = entry(os.getpid(), None)  # NVML without the process's usage
+    assert nvml_process_bytes(0) is None
+    del listed[1]
+    assert nvml_process_bytes(0) is None
+    nvml.nvmlInit = lambda: 1 / 0  # NVML itself failing is never a reason to fail
+    assert nvml_process_bytes(0) is None

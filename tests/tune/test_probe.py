@@ -116,6 +116,14 @@ def test_the_probe_waits_for_a_real_optimizer_step():
     assert _prober(cuda, engine)(4).peak_bytes == 9 * GiB and engine.steps == 2
 
 
+def test_a_probe_that_never_gets_a_real_step_stops_at_its_cap():
+    # every step overflows (a model fp16 cannot train): the probe gives up after max_steps
+    cuda = CachingAllocator(64 * GiB)
+    engine = Engine(cuda, overflows=10**6)
+    probe = _prober(cuda, engine)(2)
+    assert engine.steps == probe.steps == 24 and probe.real_steps == 0
+
+
 def test_a_long_probe_runs_every_step_asked_for():
     # the GPU bench's check after tuning: `steps` above the overflow wait's cap (24) still all run
     cuda = CachingAllocator(64 * GiB)
