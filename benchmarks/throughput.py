@@ -6,8 +6,9 @@ DeepSpeed config, model and data (the HF Trainer lives in this benchmark only).
         [--micro-batch 4] [--steps 30]         # GPU: random weights, fp16 + SDPA, 24 GB cap
 
 Each stack runs in its own process, on the same batches in the same order (our length-grouped
-sampler's; the Trainer is handed it), counted the same way over the same steps: ``--steps``
-optimizer steps at ``--micro-batch``, the first ``--warmup`` not timed, one clock for both
+sampler's, epoch after epoch; the Trainer is handed them as its batch sampler), counted the
+same way over the same steps: ``--steps`` optimizer steps at ``--micro-batch``, the first
+``--warmup`` not timed, one clock for both
 (``StepClock``: from the first timed step's batch in hand to the last step's end) → tokens/s,
 frames/s, samples/s, padding share, the window's share spent waiting for batches (near 1: the
 loader set the rate, not the loop), peak memory, model TFLOP/s and MFU
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import subprocess
 import sys
@@ -126,6 +128,7 @@ class BatchCounts:
         flops = step_flops(model, tokens, frames, k)
         seconds = clock.seconds
         return {
+            "batches": [c[:2] for c in self.batches],  # (tokens, positions) of every batch
             "timed_seconds": seconds,
             # the share of the window spent waiting for batches: near 1, the loader, not the
             # training loop, set the rate
@@ -177,12 +180,33 @@ def run_ours(args, micro: int, steps: int) -> dict:
     }
 
 
+class PlannedBatches:
+    """The first ``steps`` batches our loop trains, as a batch sampler: epoch 0's batches of our
+    length-grouped ``sampler``, then epoch 1's, ... (``batches_forever``'s order). Handed to the
+    Trainer as its ``batch_sampler``, it trains exactly these batches in this order: handed a
+    flat sample order, it would regroup the samples by ``micro`` (a short batch anywhere but last
+    shifts every later one) and, lacking ``set_epoch``, repeat epoch 0's order."""
+
+    def __init__(self, sampler, steps: int):
+        self.sampler, self.steps = sampler, steps
+
+    def __iter__(self):
+        planned = (b for e in itertools.count() for b in self._epoch(e))
+        return itertools.islice(planned, self.steps)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        return self.sampler.batches()
+
+    def __len__(self) -> int:
+        return self.steps
+
+
 def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
     """The HF Trainer with our resolved DeepSpeed config, the same model, data and collate."""
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from dst_train.data.collate import SampleOrder
     from dst_train.tune.autotune import sample_cost, worst_case_index
     from dst_train.tune.memory import PeakMemory
 
@@ -204,7 +228,7 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
         def on_step_end(self, a, state, control, **kw):
             clock.step_ended()
 
-    order = None if worst_only else SampleOrder(s["sampler"])
+    plan = None if worst_only else PlannedBatches(s["sampler"], steps)
 
     class UntilRealStep(TrainerCallback):
         """A fit probe stops as ours does: after 2 steps, once a step ran with the optimizer
@@ -220,11 +244,23 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
             self.real_before = real
 
     class SameOrderTrainer(Trainer):
-        """The Trainer fed our sampler's batches in our order (its own would shuffle at random
-        and pad more: the two loops would do different work)."""
+        """The Trainer fed our loop's batches in our order (its own sampler would shuffle at
+        random and pad more: the two loops would do different work); its loader is built as its
+        own ``_get_dataloader`` builds one, but with our batches."""
 
-        def _get_train_sampler(self, *a, **kw):
-            return order or super()._get_train_sampler(*a, **kw)
+        def get_train_dataloader(self):
+            if plan is None:
+                return super().get_train_dataloader()
+            a = self.args
+            loader = torch.utils.data.DataLoader(
+                self.train_dataset,
+                batch_sampler=plan,
+                collate_fn=self.data_collator,
+                num_workers=a.dataloader_num_workers,
+                pin_memory=a.dataloader_pin_memory,
+                prefetch_factor=a.dataloader_prefetch_factor,
+            )
+            return self.accelerator.prepare(loader)
 
         def training_step(self, model, inputs, *a, **kw):
             counts.count(inputs)
@@ -387,7 +423,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            overrides = smoke_overrides(Path(tmp))
+            overrides = smoke_overrides(Path(tmp), videos=12)
             args.steps, args.warmup, args.max_micro = 6, 2, 4
         else:
             overrides = gpu_overrides(args.data, args.arch, Path(tmp))

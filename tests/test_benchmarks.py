@@ -68,7 +68,9 @@ def test_autotune_bench_smoke(tmp_path):
 
 
 def test_throughput_smoke(tmp_path):
-    out = _run("throughput.py", tmp_path, "--fit-from", "4")  # the cap: one probe if it fits
+    # micro-batch 3 on 8 training samples: batches of 3, 3 and 2 in an order reshuffled every
+    # epoch, the short one anywhere (a Trainer regrouping samples by 3 would train others)
+    out = _run("throughput.py", tmp_path, "--fit-from", "4", "--micro-batch", "3")
     assert "tokens_per_s_ours_over_hf" in out
     result = json.loads((tmp_path / "throughput_smoke.json").read_text())
     ours, hf = result["rows"]
@@ -84,6 +86,8 @@ def test_throughput_smoke(tmp_path):
     assert result["ratios"]["largest_micro_batch_ours_over_hf"] == fits["ours"] / fits["hf"]
     # the same batches in the same order, counted over the same steps: the same work timed
     assert ours["timed_tokens"] == hf["timed_tokens"] and ours["padding"] == hf["padding"]
+    # batch by batch, across epochs too (6 steps: 2 epochs)
+    assert len(ours["batches"]) == 6 and ours["batches"] == hf["batches"]
 
 
 def test_throughput_clock_opens_when_the_first_timed_batch_is_in_hand():
