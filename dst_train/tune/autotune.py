@@ -112,7 +112,8 @@ class Prober:
                     del out
                     steps += 1
                     real_steps += self.engine.skipped_steps == skipped
-                    if n >= self.steps and state_existed or self._past_deadline():
+                    late = self._past_deadline()  # on every rank every step: a collective
+                    if late or n >= self.steps and state_existed:
                         break
             except torch.OutOfMemoryError:
                 oom = True
