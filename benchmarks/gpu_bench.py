@@ -244,7 +244,7 @@ def main() -> None:
                 record = stage_script(a, "throughput.py", "throughput", work, paths, left, extra)
             elif stage == "fit":  # a bracket around the throughput size
                 size = a.throughput_micro or micro or 2
-                cap = size if a.dry_run else 32
+                cap = size if a.dry_run else max(32, 2 * size)
                 extra = ["--fit-only", "--fit-from", str(size), "--max-micro", str(cap)]
                 record = stage_script(a, "throughput.py", "fit", work, paths, left, extra)
             elif stage == "streaming":
