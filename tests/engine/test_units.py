@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -490,3 +491,77 @@ def test_random_weights_are_drawn_on_the_gpu_unless_loaded_or_partitioned():
         init_device(torch.device("cpu"), pretrained=False, zero3=False),
     ):
         assert isinstance(ctx, contextlib.nullcontext)
+
+
+@pytest.mark.parametrize(
+    "parents, exits",
+    [
+        ((1234, 1234), False),  # the launcher is alive after the prctl call
+        ((1234, 1), True),  # it died between reading the parent and the call: reparented
+        ((1, 1), True),  # it had died before: this process already belongs to init
+    ],
+)
+def test_a_worker_whose_launcher_died_before_the_prctl_call_exits(monkeypatch, parents, exits):
+    # PR_SET_PDEATHSIG only fires for a parent that dies after the call; the race before it is
+    # closed by comparing the parent before and after
+    import ctypes
+
+    from dst_train.engine import trainer
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    calls = iter(parents)
+    monkeypatch.setattr(trainer.os, "getppid", lambda: next(calls))
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **kw: SimpleNamespace(prctl=lambda *a: 0))
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(trainer.os, "_exit", exit_)
+    if exits:
+        with pytest.raises(SystemExit):
+            trainer.die_with_launcher()
+    else:
+        trainer.die_with_launcher()
+
+
+def test_a_rank_that_does_not_log_writes_nothing_and_closes_quietly(tmp_path):
+    from dst_train.engine.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, False, True, start_step=0, total=10, resumed=False)
+    log.train(1, {"loss": 1.0, "lr": 1e-3})
+    log.eval(1, {"val_loss": 1.0})
+    log.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "world, zero, phase, replayed",
+    [
+        (1, 2, "forward", True),
+        (1, 3, "backward", True),  # one rank: nothing else is inside a collective
+        (2, 2, "forward", True),  # no collectives in forward under ZeRO-0/1/2
+        (2, 2, "backward", False),  # the others may be inside a gradient all-reduce
+        (2, 3, "forward", False),  # ZeRO-3 all-gathers parameters in forward
+        (1, 2, "step", False),  # parameters half updated
+    ],
+)
+def test_which_out_of_memory_errors_the_safety_net_replays(world, zero, phase, replayed):
+    from dst_train.engine.trainer import MicroBatchRunner
+
+    class Stopped(Exception):
+        pass
+
+    def stop(where):
+        raise Stopped(where)
+
+    rebuilt = []
+    runner = MicroBatchRunner(None, None, None, True, 4, 1, 0, world, rebuild=1, zero_stage=zero)
+    runner._rebuild_engine = lambda micro, accum: rebuilt.append((micro, accum))
+    runner._stop, runner.phase = stop, phase
+    if replayed:
+        runner._recover("CUDA out of memory", step=7)
+        assert rebuilt == [(2, 2)]  # half the micro-batch, twice the accumulation
+    else:
+        with pytest.raises(Stopped, match=f"in the {phase} of step 7"):
+            runner._recover("CUDA out of memory", step=7)
+        assert rebuilt == []
