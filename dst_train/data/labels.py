@@ -57,11 +57,6 @@ class ClipLabels:
         return len(self.speak)
 
 
-def frame_interval(frame: int, fps: float) -> tuple[float, float]:
-    """Seconds covered by absolute frame ``frame``: ``[frame/fps, (frame+1)/fps)``."""
-    return frame / fps, (frame + 1) / fps
-
-
 def build_clip_labels(clip: ClipRecord, tree: DSTTree | None = None) -> ClipLabels:
     """Labels and streaming layout of ``clip``; ``tree`` is its video's DST (or None)."""
     n, s0, fps = clip.num_frames, clip.start_frame_idx, clip.fps

@@ -11,7 +11,7 @@ import pytest
 from dst_train.data.dst_tree import COMPLETED, IN_PROGRESS, NOT_STARTED, load_dst_tsv
 from dst_train.eval.evaluate import best_threshold, dst_inputs, reference_text, sweep
 from dst_train.eval.score import VideoTurns, score_matches
-from dst_train.eval.speaking import MatchResult
+from dst_train.eval.speaking import SIM_THRESHOLD, MatchResult
 from dst_train.eval.text_metrics import caption_scores
 from tests.conftest import write_tsv
 from tests.eval.test_evaluate_cli import model_folder  # noqa: F401  (a module-scoped fixture)
@@ -66,19 +66,23 @@ def test_the_reference_turn_is_silent_for_a_lone_dot():
 
 
 def test_caption_metrics_use_only_the_matches_above_the_similarity_threshold():
-    gen = ["Insert the pin.", "", "Open the lid now."]
-    video = VideoTurns("v", 2.0, "ego4d", gen, ["", "Insert the pin.", "Tighten the red screw."])
-    good, bad = (0, 1, 0.93), (2, 2, 0.21)
-    scores = score_matches([video], [MatchResult(matched=[good, bad])])
-    expected = caption_scores([("Insert the pin.", "Insert the pin.")], jaccard=scores["jaccard"])
-    everything = caption_scores(
-        [("Insert the pin.", "Insert the pin."), ("Open the lid now.", "Tighten the red screw.")],
-        jaccard=scores["jaccard"],
+    # "correct" is s > 0.5 (docs/evaluation.md): a match at exactly 0.5 is not one
+    gen = ["Insert the pin.", "", "Open the lid now.", "Turn it."]
+    ref = ["", "Insert the pin.", "Tighten the red screw.", "Flip the base over."]
+    good, bad, edge = (0, 1, 0.93), (2, 2, 0.21), (3, 3, SIM_THRESHOLD)
+    scores = score_matches(
+        [VideoTurns("v", 2.0, "ego4d", gen, ref)], [MatchResult([good, bad, edge])]
     )
-    assert expected != everything  # the bad match would change the numbers
+    right = ("Insert the pin.", "Insert the pin.")
+    expected = caption_scores([right], jaccard=scores["jaccard"])
+    for wrong in (
+        ("Open the lid now.", "Tighten the red screw."),
+        ("Turn it.", "Flip the base over."),
+    ):
+        assert caption_scores([right, wrong], jaccard=scores["jaccard"]) != expected
     for key, value in expected.items():
         assert scores[key] == pytest.approx(value), key
-    assert (scores["matches"], scores["correct_matches"]) == (2, 1)
+    assert (scores["matches"], scores["correct_matches"]) == (3, 1)
 
 
 def test_baseline_clips_max_context_and_embedding_model_reach_the_run(
@@ -111,3 +115,22 @@ def test_baseline_clips_max_context_and_embedding_model_reach_the_run(
     assert contexts and set(contexts) == {700}
     assert json.loads((out / "traces" / "settings.json").read_text())["max_context"] == 700
     assert "minilm" in report["embedding_model"]  # not the mpnet default
+
+
+def test_a_clip_that_starts_late_in_its_video_lines_up_its_references():
+    # ProAssist cuts long videos into clips: trace i of a clip is absolute frame start + i
+    from dst_train.data.labels import build_clip_labels
+    from dst_train.data.proassist import ClipRecord, Turn
+    from dst_train.eval.evaluate import video_turns
+
+    conv = [
+        Turn("system", "sys"),
+        Turn("frames", start=20, end=24),
+        Turn("assistant", "Attach the wheel.", time=12.0),
+        Turn("frames", start=24, end=30),
+    ]
+    labels = build_clip_labels(ClipRecord("assembly101", "v", 3, "f.arrow", 20, 30, conv))
+    traces = [SimpleNamespace(response="") for _ in range(10)]
+    turns = video_turns({"labels": labels, "traces": traces})
+    assert turns.ref == [""] * 3 + ["Attach the wheel."] + [""] * 6
+    assert turns.video_uid == "v_3"

@@ -236,3 +236,17 @@ def test_reference_is_the_first_assistant_turn_after_a_frames_block_and_a_dot_is
     assert reference_text(labels, 3) == "Attach the wheel."
     assert reference_text(labels, 7) == ""
     assert reference_text(labels, 9) == ""
+
+
+def test_each_rate_is_guarded_by_its_own_denominator():
+    # one correct match, one missed reference, one redundant prediction: as many matches as
+    # misses and as redundant turns, where a guard on a difference would read 0
+    gen, ref = silent(40), silent(40)
+    gen[2], ref[3] = "a", "a"
+    ref[20] = "b"  # missed
+    gen[35] = "c"  # redundant
+    s = speaking_scores([match_turns(gen, ref, exact, ASSEMBLY)])
+    assert (s["matches"], s["missed"], s["redundant"]) == (1, 1, 1)
+    assert s["speak_precision"] == s["speak_recall"] == pytest.approx(0.5)
+    assert s["missing_rate"] == s["redundant_rate"] == pytest.approx(0.5)
+    assert s["jaccard"] == pytest.approx(1 / 3) and s["speak_f1"] == pytest.approx(0.5)
