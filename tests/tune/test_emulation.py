@@ -94,7 +94,9 @@ def sdpa_flags():
     b = torch.backends.cuda
     saved = (b.flash_sdp_enabled(), b.cudnn_sdp_enabled(), b.mem_efficient_sdp_enabled())
     yield b
-    b.enable_flash_sdp(saved[0]), b.enable_cudnn_sdp(saved[1]), b.enable_mem_efficient_sdp(saved[2])
+    b.enable_flash_sdp(saved[0])
+    b.enable_cudnn_sdp(saved[1])
+    b.enable_mem_efficient_sdp(saved[2])
 
 
 def test_an_emulated_turing_card_runs_the_attention_kernels_a_turing_card_has(sdpa_flags):
