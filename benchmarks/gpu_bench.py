@@ -228,22 +228,21 @@ def main() -> None:
             summary[stage] = {"skipped": f"{left:.0f} s of the deadline left"}
             continue
         t0 = time.perf_counter()
+        size = a.throughput_micro or micro or 2  # throughput's and fit's micro-batch
         try:
             if stage == "autotune":
                 record = stage_autotune(a, ov, work, left)
                 micro = record["summary"]["micro_batch"]
             elif stage == "verify":
-                size = a.verify_micro or micro
-                if not size:
+                checked = a.verify_micro or micro
+                if not checked:
                     raise RuntimeError("no micro-batch to verify: pass --verify-micro")
-                record = stage_verify(a, ov, work, size, left)
+                record = stage_verify(a, ov, work, checked, left)
             elif stage == "throughput":
-                size = a.throughput_micro or micro or 2
                 extra = ["--micro-batch", str(size), "--no-fit"]
                 extra += ["--steps", str(a.throughput_steps), "--warmup", "3"]
                 record = stage_script(a, "throughput.py", "throughput", work, paths, left, extra)
             elif stage == "fit":  # a bracket around the throughput size
-                size = a.throughput_micro or micro or 2
                 cap = size if a.dry_run else max(32, 2 * size)
                 extra = ["--fit-only", "--fit-from", str(size), "--max-micro", str(cap)]
                 record = stage_script(a, "throughput.py", "fit", work, paths, left, extra)
