@@ -158,6 +158,7 @@ def _run_config(args: argparse.Namespace, check_feature_cache: bool = True):
 def _train(args: argparse.Namespace) -> int:
     from dst_train.data.sequence import SequenceTooLong
     from dst_train.engine.checkpoint import CheckpointMismatch
+    from dst_train.engine.stop_request import EXIT_CODE
     from dst_train.engine.trainer import TrainingStopped, die_with_launcher, fit
 
     die_with_launcher()
@@ -165,7 +166,7 @@ def _train(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     try:
-        fit(cfg)
+        result = fit(cfg)
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
@@ -175,7 +176,7 @@ def _train(args: argparse.Namespace) -> int:
     except SequenceTooLong as e:  # names the file and line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_CODE if result.get("stopped") else 0
 
 
 def _autotune(args: argparse.Namespace) -> int:

@@ -4,4 +4,6 @@
 # On a machine without GPUs this runs 2 CPU processes with gloo (the demo does that).
 set -euo pipefail
 cfg=$1; shift
+# SIGUSR1 (SLURM's --signal warning) is for the training processes only: the launchers ignore it
+trap '' USR1
 exec deepspeed --num_gpus 2 --module dst_train.cli train --config "$cfg" "$@"

@@ -18,5 +18,7 @@ if [[ -n "${NODE_RANK:-}" ]]; then
   : "${MASTER_ADDR:?NODE_RANK is set: set MASTER_ADDR too (the address of node 0)}"
   per_node=(--no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
 fi
+# SIGUSR1 (SLURM's --signal warning) is for the training processes only: the launchers ignore it
+trap '' USR1
 exec deepspeed --hostfile "$HOSTFILE" "${per_node[@]}" --master_port "$MASTER_PORT" \
   --module dst_train.cli train --config "$cfg" "$@"

@@ -4,6 +4,8 @@
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node.
 set -euo pipefail
 cfg=$1; shift
+# SIGUSR1 (SLURM's --signal warning) is for the training processes only: the launchers ignore it
+trap '' USR1
 exec torchrun --nproc_per_node "${NPROC:-2}" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
   -m dst_train.cli train --config "$cfg" "$@"

@@ -24,6 +24,7 @@ from dst_train.config import RunConfig, save_config, to_dict
 from dst_train.engine import checkpoint
 from dst_train.engine.ds_config import build_ds_config, zero_stage
 from dst_train.engine.metrics import MetricsLogger
+from dst_train.engine.stop_request import StopRequest, StopRequested
 
 
 class TrainingStopped(RuntimeError):
@@ -325,7 +326,8 @@ def batches_forever(loader, sampler, epoch: int, skip: int):
 
 
 def fit(cfg: RunConfig) -> dict:
-    """Train as configured; returns the final metrics (rank 0 also writes them to disk)."""
+    """Train as configured; returns the final metrics (rank 0 also writes them to disk), or, for
+    a run a signal stopped, the step saved and ``"stopped"``: the signal (stop_request.py)."""
     s = setup(cfg)
     # the engine leaves `s`: when the OOM safety net rebuilds it, nothing may keep the old one
     # (and its optimizer state) alive
@@ -341,6 +343,12 @@ def fit(cfg: RunConfig) -> dict:
     config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     writer = checkpoint.is_writer(rank, local_rank, cfg.train.node_local_checkpoints)
+
+    def save(engine, state: dict) -> Path:  # every rank calls it
+        step, keep = state["step"], cfg.train.keep_last
+        return checkpoint.save(
+            engine, ckpt_dir, step, state, config_text, keep, rank, barrier, writer
+        )
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     tag = resume_tag(cfg, ckpt_dir)
@@ -375,52 +383,73 @@ def fit(cfg: RunConfig) -> dict:
         rebuild=lambda micro, accum: make_engine(s, cfg, micro, accum),
         scratch=out_dir / OOM_SCRATCH,
         zero_stage=zero_stage(s["ds_config"]),
+        stop=StopRequest(device, world),
     )
     del engine  # the safety net may replace it: always use oom_net.engine from here on
     oom_net.engine.train()
-    while state["step"] < t.max_steps:
-        t0 = time.perf_counter()
-        window = []  # this optimizer step's micro-batches (replayed if the safety net halves)
-        for _ in range(s["grad_accum"]):
-            epoch, index, items = next(stream)
-            window.append(items)
-            state.update(epoch=epoch, batch_in_epoch=index + 1)
-        sums = oom_net.run_window(window, state["step"] + 1)  # losses…, tokens, samples
+    with oom_net.stop:  # from here a signal saves and stops (stop_request.py)
+        while state["step"] < t.max_steps:
+            t0 = time.perf_counter()
+            # where this step starts: a stop inside it saves this state and this RNG
+            before, rng = dict(state), checkpoint.rng_state()
+            window = []  # this optimizer step's micro-batches (replayed if the safety net halves)
+            for _ in range(s["grad_accum"]):
+                epoch, index, items = next(stream)
+                window.append(items)
+                state.update(epoch=epoch, batch_in_epoch=index + 1)
+            try:
+                sums = oom_net.run_window(window, state["step"] + 1)  # losses…, tokens, samples
+            except StopRequested as why:
+                checkpoint.set_rng_state(rng)
+                return stop_here(save, oom_net.engine, before, str(why), log, rank)
+            engine = oom_net.engine
+            state["step"] += 1
+            guard.update(engine.skipped_steps, loss_scale(engine))
+            sums = all_reduce_sum(sums, device)
+            if state["step"] % t.log_every == 0 or state["step"] == t.max_steps:
+                n_micro = s["grad_accum"] * world
+                row = {k: sums[i].item() / n_micro for i, k in enumerate(LOSSES)}
+                dt = time.perf_counter() - t0
+                row.update(
+                    lr=engine.get_lr()[0],
+                    loss_scale=loss_scale(engine),
+                    skipped_steps=engine.skipped_steps,
+                    tokens_per_s=sums[-2].item() / dt,
+                    samples_per_s=sums[-1].item() / dt,
+                    step_time_s=dt,
+                    peak_mem_gib=peak_memory_gib(device),
+                    micro_batch=oom_net.current_micro,
+                    epoch=state["epoch"],
+                )
+                log.train(state["step"], row)
+            if t.eval_every and state["step"] % t.eval_every == 0 and state["step"] < t.max_steps:
+                log.eval(state["step"], evaluate(engine, s["val_loader"], device, t.eval_batches))
+            if t.save_every and state["step"] % t.save_every == 0 and state["step"] < t.max_steps:
+                save(engine, state)
         engine = oom_net.engine
-        state["step"] += 1
-        guard.update(engine.skipped_steps, loss_scale(engine))
-        sums = all_reduce_sum(sums, device)
-        if state["step"] % t.log_every == 0 or state["step"] == t.max_steps:
-            n_micro = s["grad_accum"] * world
-            row = {k: sums[i].item() / n_micro for i, k in enumerate(LOSSES)}
-            dt = time.perf_counter() - t0
-            row.update(
-                lr=engine.get_lr()[0],
-                loss_scale=loss_scale(engine),
-                skipped_steps=engine.skipped_steps,
-                tokens_per_s=sums[-2].item() / dt,
-                samples_per_s=sums[-1].item() / dt,
-                step_time_s=dt,
-                peak_mem_gib=peak_memory_gib(device),
-                micro_batch=oom_net.current_micro,
-                epoch=state["epoch"],
-            )
-            log.train(state["step"], row)
-        if t.eval_every and state["step"] % t.eval_every == 0 and state["step"] < t.max_steps:
-            log.eval(state["step"], evaluate(engine, s["val_loader"], device, t.eval_batches))
-        if t.save_every and state["step"] % t.save_every == 0 and state["step"] < t.max_steps:
-            checkpoint.save(
-                engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier,
-                writer,
-            )  # fmt: skip
-    engine = oom_net.engine
-    final = evaluate(engine, s["val_loader"], device, t.eval_batches)
-    log.eval(state["step"], final)
-    checkpoint.save(
-        engine, ckpt_dir, state["step"], state, config_text, t.keep_last, rank, barrier, writer
-    )
+        final = evaluate(engine, s["val_loader"], device, t.eval_batches)
+        log.eval(state["step"], final)
+        save(engine, state)
     log.close()
     return {"step": state["step"], **final}
+
+
+def stop_here(save, engine, before: dict, why: str, log, rank: int) -> dict:
+    """The end of a run stopped by a signal (every rank): ``before``, the state after the last
+    completed optimizer step, saved by ``save(engine, before)`` (nothing when no step ran), and
+    the metrics closed."""
+    t0 = time.perf_counter()
+    folder = save(engine, before) if before["step"] > 0 else None
+    log.close()
+    if rank == 0:
+        seconds = time.perf_counter() - t0
+        where = f"saved {folder} in {seconds:.1f} s" if folder else "nothing to save"
+        print(
+            f"stopped by {why} during step {before['step'] + 1}: {where}; run the same command "
+            "to resume from there",
+            flush=True,
+        )
+    return {"step": before["step"], "stopped": why}
 
 
 OOM_SCRATCH = ".oom_replay"  # in output_dir: the engine state the safety net rebuilds from
@@ -438,6 +467,9 @@ class MicroBatchRunner:
     since the optimizer step has not run — goes to a scratch checkpoint, a new engine at the
     smaller micro-batch loads it, and the window's RNG state is restored. The replayed step is
     then a clean step at the smaller micro-batch (tested to fp32 round-off at every position).
+
+    Before every micro-step the ranks agree whether a signal asked the run to stop (``stop``,
+    stop_request.py); if so :class:`StopRequested` leaves the window half done.
 
     Which OOMs can be replayed: on one rank, any in forward or backward. On several ranks, one in
     forward under ZeRO-0/1/2 (no collectives run in forward): the ranks agree after each forward
@@ -460,8 +492,10 @@ class MicroBatchRunner:
         rebuild=None,
         scratch: Path | None = None,
         zero_stage: int = 2,
+        stop: StopRequest | None = None,
     ):
         self.engine, self.collate, self.device = engine, collate, device
+        self.stop = stop
         self.oom_retry, self.micro, self.grad_accum = oom_retry, micro, grad_accum
         self.rank, self.world, self.zero_stage = rank, world, zero_stage
         self.rebuild, self.scratch = rebuild, scratch
@@ -495,6 +529,9 @@ class MicroBatchRunner:
         for items in window:
             parts = range(0, len(items), self.chunk)
             for c in parts:
+                why = self.stop and self.stop.agreed()  # every rank, before every micro-step
+                if why:
+                    raise StopRequested(why)
                 self.phase = "forward"
                 out, batch = self._forward(items[c : c + self.chunk])
                 self.phase = "backward"

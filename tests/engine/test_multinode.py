@@ -6,7 +6,9 @@ checkpoint and started again, they end bit-identical to 1 node × 2 processes. W
 from each node's own shards, and ``convert`` names the shards it lacks until they are copied in.
 """
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +44,8 @@ exit $rc
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 [[ "$1 $2" == "show hostnames" ]] && printf '127.0.0.1\\nlocalhost\\n'
+[[ $1 == requeue ]] && echo "$2" >> "$FAKE_NODES/requeued"
+exit 0
 """
 
 
@@ -137,34 +141,47 @@ def test_two_nodes_without_ssh_resume_after_a_kill_and_equal_one_node(
     _assert_same_run(out, one_node)
 
 
-def test_slurm_nodes_with_their_own_disks_resume_and_convert(
-    one_node, demo_root, tiny_model_dir, tmp_path
-):
-    fake = tmp_path / "slurm-bin"
-    fake.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (fake / name).write_text(text)
-        (fake / name).chmod(0o755)
-    nodes = tmp_path / "nodes"
-    disks = [nodes / f"node{i}" for i in (0, 1)]
-    for d in disks:
-        d.mkdir(parents=True)
-    # the same relative output_dir on each node: two folders, as on two machines' local disks
-    args = overrides(demo_root, tiny_model_dir, "run", "train.node_local_checkpoints=true")
+class FakeSlurm:
+    """``launch/slurm.sbatch`` run as SLURM would on 2 nodes, on this host: a stand-in ``srun``
+    starts node i's task in ``nodes/node<i>``, ``scontrol`` lists the hosts and records requeues
+    in ``nodes/requeued``; the job's output goes to ``job.log``."""
 
-    def submit():
-        env = _env(FAKE_NODES=str(nodes), SLURM_JOB_NODELIST="fake[0-1]", GPUS_PER_NODE="1")
-        env.update(SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT=free_port())
-        env["PATH"] = f"{fake}:{env['PATH']}"
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        fake = tmp_path / "slurm-bin"
+        fake.mkdir()
+        for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+            (fake / name).write_text(text)
+            (fake / name).chmod(0o755)
+        self.bin, self.nodes = fake, tmp_path / "nodes"
+        self.disks = [self.nodes / f"node{i}" for i in (0, 1)]
+        for d in self.disks:
+            d.mkdir(parents=True)
+
+    def submit(self, args) -> subprocess.Popen:
+        env = _env(FAKE_NODES=str(self.nodes), SLURM_JOB_NODELIST="fake[0-1]", GPUS_PER_NODE="1")
+        env.update(SLURM_SUBMIT_DIR=str(REPO), MASTER_PORT=free_port(), SLURM_JOB_ID="4242")
+        env["PATH"] = f"{self.bin}:{env['PATH']}"
         return subprocess.Popen(
             ["bash", str(REPO / "launch/slurm.sbatch"), str(DEMO_YAML), *args],
-            cwd=REPO, env=env, stdout=open(tmp_path / "job.log", "a"),  # noqa: SIM115
+            cwd=REPO, env=env, stdout=open(self.tmp / "job.log", "a"),  # noqa: SIM115
             stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
 
+    def log(self) -> str:
+        return (self.tmp / "job.log").read_text()
+
+
+def test_slurm_nodes_with_their_own_disks_resume_and_convert(
+    one_node, demo_root, tiny_model_dir, tmp_path
+):
+    slurm = FakeSlurm(tmp_path)
+    disks = slurm.disks
+    # the same relative output_dir on each node: two folders, as on two machines' local disks
+    args = overrides(demo_root, tiny_model_dir, "run", "train.node_local_checkpoints=true")
     ckpts = [d / "run" / "checkpoints" for d in disks]
-    assert _kill_when_saved([submit()], ckpts), "the run ended before a kill"
-    assert submit().wait(timeout=600) == 0, (tmp_path / "job.log").read_text()[-3000:]
+    assert _kill_when_saved([slurm.submit(args)], ckpts), "the run ended before a kill"
+    assert slurm.submit(args).wait(timeout=600) == 0, slurm.log()[-3000:]
     tag = checkpoint.tag_of(6)
     # each node holds its own rank's shard (and the model states) and the checkpoint's files
     for r, ckpt in enumerate(ckpts):
@@ -180,6 +197,50 @@ def test_slurm_nodes_with_their_own_disks_resume_and_convert(
         shutil.copy(f, ckpts[0] / tag)
     assert main(["convert", str(disks[0] / "run"), str(tmp_path / "hf")]) == 0
     _assert_same_run(disks[0] / "run", one_node)
+
+
+def test_slurms_warning_signal_saves_stops_and_requeues_and_the_requeued_job_resumes(
+    one_node, demo_root, tiny_model_dir, tmp_path
+):
+    """``--signal=USR1@300``: SLURM signals every process of the job's steps (the launchers too,
+    not the batch shell or srun) ahead of the time limit."""
+    slurm = FakeSlurm(tmp_path)
+    out = tmp_path / "run"  # one filesystem for both nodes
+    args = overrides(demo_root, tiny_model_dir, out)
+    job = slurm.submit(args)
+    deadline = time.time() + 300
+    while not [r for r in _rows(out) if r["kind"] == "train" and r["step"] >= 2]:
+        assert job.poll() is None and time.time() < deadline, slurm.log()[-3000:]
+        time.sleep(0.05)
+    group = subprocess.run(["pgrep", "-g", str(job.pid)], capture_output=True, text=True)
+    signalled = 0
+    for pid in map(int, group.stdout.split()):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:  # a short-lived helper that has ended
+            continue
+        if pid != job.pid and b"slurm-bin/srun" not in cmd:  # not the batch shell, not srun
+            os.kill(pid, signal.SIGUSR1)
+            signalled += 1
+    assert signalled >= 6  # per node: the deepspeed runner, its launcher, the rank
+    assert job.wait(timeout=120) == 75, slurm.log()[-3000:]
+    log = slurm.log()
+    stop = re.search(r"stopped by SIGUSR1 during step (\d+): saved (\S+) in", log)
+    assert stop, log[-3000:]
+    saved = int(stop.group(1)) - 1
+    assert 2 <= saved < 6 and stop.group(2) == str(out / "checkpoints" / checkpoint.tag_of(saved))
+    assert (out / "checkpoints" / checkpoint.tag_of(saved) / checkpoint.COMPLETE).is_file()
+    assert [r["step"] for r in _rows(out) if r["kind"] == "train"] == list(range(1, saved + 1))
+    assert "requeueing job 4242" in log and (slurm.nodes / "requeued").read_text() == "4242\n"
+    assert slurm.submit(args).wait(timeout=600) == 0, slurm.log()[-3000:]  # the requeued job
+    _assert_same_run(out, one_node)
+
+
+def _rows(out: Path) -> list[dict]:
+    """metrics.jsonl's complete lines so far (none before the file exists)."""
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    return [json.loads(x) for x in lines if x.endswith("\n")]
 
 
 def test_convert_names_the_ranks_whose_shards_are_missing(tmp_path, capsys):
