@@ -4,9 +4,10 @@ A scheduler's preemption or time limit (SLURM, Kubernetes: SIGTERM, then SIGKILL
 period), SLURM's early warning (``#SBATCH --signal=USR1@SECONDS``: SIGUSR1), a launcher passing
 on a Ctrl-C (SIGTERM) or Ctrl-C itself (SIGINT) would otherwise kill the ranks and lose every
 step since the last periodic checkpoint. Here the signal only sets a flag. Before each
-micro-step the ranks agree on it (one 1-element all-reduce: a signal that reached one rank stops
-them all at the same point), and when it is set they abandon the optimizer step in progress, save
-the state as it was after the last completed one, and exit with :data:`EXIT_CODE`.
+micro-step and each val-loss batch the ranks agree on it (one 1-element all-reduce: a signal that
+reached one rank stops them all at the same point), and when it is set they abandon the optimizer
+step (or val pass) in progress, save the state as it was after the last completed step, and exit
+with :data:`EXIT_CODE`.
 
 Abandoning the window makes the stop exact and quick: the parameters and optimizer state have not
 moved since the last optimizer step (only gradients were accumulated, and they are dropped), the

@@ -350,6 +350,11 @@ def fit(cfg: RunConfig) -> dict:
             engine, ckpt_dir, step, state, config_text, keep, rank, barrier, writer
         )
 
+    stop = StopRequest(device, world)  # its handlers are installed for the loop only
+
+    def val_loss(engine) -> dict:  # every rank; a signal cuts it short (StopRequested)
+        return evaluate(engine, s["val_loader"], device, cfg.train.eval_batches, stop)
+
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     tag = resume_tag(cfg, ckpt_dir)
     if tag is not None:
@@ -383,11 +388,11 @@ def fit(cfg: RunConfig) -> dict:
         rebuild=lambda micro, accum: make_engine(s, cfg, micro, accum),
         scratch=out_dir / OOM_SCRATCH,
         zero_stage=zero_stage(s["ds_config"]),
-        stop=StopRequest(device, world),
+        stop=stop,
     )
     del engine  # the safety net may replace it: always use oom_net.engine from here on
     oom_net.engine.train()
-    with oom_net.stop:  # from here a signal saves and stops (stop_request.py)
+    with stop:  # from here a signal saves and stops (stop_request.py)
         while state["step"] < t.max_steps:
             t0 = time.perf_counter()
             # where this step starts: a stop inside it saves this state and this RNG
@@ -401,7 +406,8 @@ def fit(cfg: RunConfig) -> dict:
                 sums = oom_net.run_window(window, state["step"] + 1)  # losses…, tokens, samples
             except StopRequested as why:
                 checkpoint.set_rng_state(rng)
-                return stop_here(save, oom_net.engine, before, str(why), log, rank)
+                during = f"step {before['step'] + 1}"
+                return stop_here(save, oom_net.engine, before, str(why), during, log, rank)
             engine = oom_net.engine
             state["step"] += 1
             guard.update(engine.skipped_steps, loss_scale(engine))
@@ -423,33 +429,40 @@ def fit(cfg: RunConfig) -> dict:
                 )
                 log.train(state["step"], row)
             if t.eval_every and state["step"] % t.eval_every == 0 and state["step"] < t.max_steps:
-                log.eval(state["step"], evaluate(engine, s["val_loader"], device, t.eval_batches))
+                try:
+                    log.eval(state["step"], val_loss(engine))
+                except StopRequested as why:  # the step is done: it is the one saved
+                    during = f"the val loss after step {state['step']}"
+                    return stop_here(save, engine, state, str(why), during, log, rank)
             if t.save_every and state["step"] % t.save_every == 0 and state["step"] < t.max_steps:
                 save(engine, state)
         engine = oom_net.engine
-        final = evaluate(engine, s["val_loader"], device, t.eval_batches)
+        try:
+            final = val_loss(engine)
+        except StopRequested as why:  # trained to the end: saved, without the final val loss
+            during = f"the final val loss after step {state['step']}"
+            return stop_here(save, engine, state, str(why), during, log, rank)
         log.eval(state["step"], final)
         save(engine, state)
     log.close()
     return {"step": state["step"], **final}
 
 
-def stop_here(save, engine, before: dict, why: str, log, rank: int) -> dict:
-    """The end of a run stopped by a signal (every rank): ``before``, the state after the last
-    completed optimizer step, saved by ``save(engine, before)`` (nothing when no step ran), and
-    the metrics closed."""
+def stop_here(save, engine, done: dict, why: str, during: str, log, rank: int) -> dict:
+    """The end of a run a signal stopped (every rank): ``done``, the state after the last
+    completed optimizer step, saved by ``save(engine, done)`` (nothing when no step ran), the
+    metrics closed. ``why``: the signal; ``during``: what it cut short."""
     t0 = time.perf_counter()
-    folder = save(engine, before) if before["step"] > 0 else None
+    folder = save(engine, done) if done["step"] > 0 else None
     log.close()
     if rank == 0:
         seconds = time.perf_counter() - t0
         where = f"saved {folder} in {seconds:.1f} s" if folder else "nothing to save"
         print(
-            f"stopped by {why} during step {before['step'] + 1}: {where}; run the same command "
-            "to resume from there",
+            f"stopped by {why} during {during}: {where}; run the same command to resume from there",
             flush=True,
         )
-    return {"step": before["step"], "stopped": why}
+    return {"step": done["step"], "stopped": why}
 
 
 OOM_SCRATCH = ".oom_replay"  # in output_dir: the engine state the safety net rebuilds from
@@ -647,14 +660,21 @@ def resume_tag(cfg: RunConfig, ckpt_dir: Path) -> tuple[Path, str] | None:
 
 
 @torch.no_grad()
-def evaluate(engine, loader, device, max_batches: int = 0) -> dict:
-    """Mean of every loss over the val split (or its first ``max_batches``), all ranks summed."""
+def evaluate(engine, loader, device, max_batches: int = 0, stop: StopRequest | None = None) -> dict:
+    """Mean of every loss over the val split (or its first ``max_batches``), all ranks summed.
+    With ``stop``, the ranks agree before each batch whether a signal cut the pass short
+    (:class:`StopRequested`). It draws nothing from the global RNG (no dropout in eval mode, the
+    val batches are fixed), so a stop during it saves the RNG of the next step's start."""
     engine.eval()
     sums = torch.zeros(len(LOSSES) + 1, dtype=torch.float64)
     loader.batch_sampler.set_epoch(0)
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
+        why = stop and stop.agreed()
+        if why:
+            engine.train()
+            raise StopRequested(why)
         out = engine(**to_device(batch, device))
         sums[:-1] += torch.tensor([out[k].item() for k in LOSSES])
         sums[-1] += 1

@@ -101,6 +101,7 @@ for spec in ["reference", *specs]:
         "resumed_step": resumed["step"],
         "steps": [r["step"] for r in rows if r["kind"] == "train"],
         "losses": [r["loss"] for r in rows if r["kind"] == "train"],
+        "val_steps": [r["step"] for r in rows if r["kind"] == "eval"],
         "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("step_*")),
         "handler_restored": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
     }

@@ -49,28 +49,38 @@ def test_a_signal_mid_step_on_one_rank_stops_all_and_the_resume_is_exact(
     # "3:0:1": only rank 1 gets SIGTERM, in step 3's first micro-batch: both ranks stop before
     # the second one, drop the half-accumulated step and save step 2 (with the data position and
     # RNG of step 3's start). "3:1:all": every rank, in step 3's last micro-batch: step 3 ends,
-    # is logged and saved, and the run stops before step 4
-    specs = ["3:0:1", "3:1:all"]
+    # is logged and saved, and the run stops before step 4. "2:1:all": in step 2's last
+    # micro-batch, before the val loss due after step 2 (eval_every 2): the val pass is cut
+    # short, step 2 saved. "5:1:all": in the last step: trained to the end, the final val loss
+    # cut short, step 5 saved; the run again has nothing to do
+    specs = ["3:0:1", "3:1:all", "2:1:all", "5:1:all"]
     proc, found = _scenarios(demo_root, tiny_model_dir, tmp_path, specs)
     ref = found[("reference", 0)]
     assert ref["first"] == {"step": 5}  # not stopped
-    assert ref["steps"] == [1, 2, 3, 4, 5]
-    assert "stopped by a signal on another rank during step 3: saved " in proc.stdout
-    assert "stopped by SIGTERM during step 4: saved " in proc.stdout
-    want_stop = {
-        ("3:0:1", 0): {"step": 2, "stopped": "a signal on another rank"},
-        ("3:0:1", 1): {"step": 2, "stopped": "SIGTERM"},
-        ("3:1:all", 0): {"step": 3, "stopped": "SIGTERM"},
-        ("3:1:all", 1): {"step": 3, "stopped": "SIGTERM"},
+    assert ref["steps"] == [1, 2, 3, 4, 5] and ref["val_steps"] == [2, 4, 5]
+    for said in (
+        "stopped by a signal on another rank during step 3: saved ",
+        "stopped by SIGTERM during step 4: saved ",
+        "stopped by SIGTERM during the val loss after step 2: saved ",
+        "stopped by SIGTERM during the final val loss after step 5: saved ",
+    ):
+        assert said in proc.stdout
+    cases = {  # spec: (the step saved, the val losses logged by the end)
+        "3:0:1": (2, [2, 4, 5]),
+        "3:1:all": (3, [2, 4, 5]),
+        "2:1:all": (2, [4, 5]),  # a val pass cut short is not run again
+        "5:1:all": (5, [2, 4]),
     }
-    for key, stop in want_stop.items():
-        r = found[key]
-        assert r["first"] == stop, key
-        assert r["resumed_step"] == 5 and r["handler_restored"], key
-        # each step logged once (the abandoned step 3 was never logged), the same losses
-        assert r["steps"] == ref["steps"] and r["losses"] == ref["losses"], key
     reference = _weights(tmp_path, "reference")
-    for spec in specs:
+    for spec, (saved, val_steps) in cases.items():
+        for rank in (0, 1):
+            r = found[(spec, rank)]
+            why = "a signal on another rank" if (spec, rank) == ("3:0:1", 0) else "SIGTERM"
+            assert r["first"] == {"step": saved, "stopped": why}, (spec, rank)
+            assert r["resumed_step"] == 5 and r["handler_restored"], (spec, rank)
+            # each step logged once (an abandoned step was never logged), the same losses
+            assert r["steps"] == ref["steps"] and r["losses"] == ref["losses"], (spec, rank)
+            assert r["val_steps"] == val_steps, (spec, rank)
         got = _weights(tmp_path, spec)
         assert got.keys() == reference.keys() and len(reference) > 4
         for k in reference:
