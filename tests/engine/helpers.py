@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,6 +71,25 @@ def run_training(overrides, launcher="deepspeed", nproc=2, timeout=600):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
+
+
+def run_scenario(script, demo_root, tiny_model_dir, out, specs, nproc=1):
+    """Run a ``tests/engine/scenario_*.py`` script (plain python for one process, torchrun for
+    more); returns (the finished process, its ``RESULT {json}`` records, seconds)."""
+    head = [sys.executable]
+    if nproc > 1:
+        head += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        head += ["--master_port", free_port()]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [*head, str(script), str(demo_root), str(tiny_model_dir), str(out), *specs],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    found = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    return proc, found, time.perf_counter() - start
 
 
 def metrics(out: Path) -> list[dict]:

@@ -7,16 +7,12 @@ OOM hit step 2's first forward: nothing had been accumulated there, so its repla
 at micro-batch 1 (steps 2 and 3 at micro-batch 1, step 1 at 2, like every scenario here).
 """
 
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
 from dst_train.engine.trainer import OOM_SCRATCH
-from tests.engine.helpers import REPO, free_port
+from tests.engine.helpers import run_scenario
 
 SCRIPT = str(Path(__file__).parent / "scenario_oom.py")
 REFERENCE = "2:0:forward:all"
@@ -24,21 +20,8 @@ HALVED = "out of memory: micro-batch 2 -> 1, accumulation 4 (the same samples pe
 
 
 def _run(demo_root, tiny_model_dir, out, specs, nproc=1, expect_rc=0):
-    head = [sys.executable]
-    if nproc > 1:
-        head += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        head += ["--master_port", free_port()]
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [*head, SCRIPT, str(demo_root), str(tiny_model_dir), str(out), *specs],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    seconds = time.perf_counter() - start
+    proc, found, seconds = run_scenario(SCRIPT, demo_root, tiny_model_dir, out, specs, nproc)
     assert (proc.returncode == 0) == (expect_rc == 0), proc.stdout[-2000:] + proc.stderr[-4000:]
-    found = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     return proc, sorted(found, key=lambda r: (r["spec"], r["rank"])), seconds
 
 

@@ -8,33 +8,21 @@ tests/engine/scenario_stop.py) stopped by a signal at a chosen place and run aga
 with the uninterrupted run.
 """
 
-import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from dst_train.engine.stop_request import EXIT_CODE, StopRequest
-from tests.engine.helpers import REPO, free_port
+from tests.engine.helpers import run_scenario
 
 SCRIPT = str(Path(__file__).parent / "scenario_stop.py")
 
 
 def _scenarios(demo_root, tiny_model_dir, out, specs, nproc=2):
-    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    head += ["--master_port", free_port()]
-    proc = subprocess.run(
-        [*head, SCRIPT, str(demo_root), str(tiny_model_dir), str(out), *specs],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc, found, _ = run_scenario(SCRIPT, demo_root, tiny_model_dir, out, specs, nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    found = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert len(found) == nproc * (1 + len(specs)), proc.stdout[-3000:]
     return proc, {(r["spec"], r["rank"]): r for r in found}
 
