@@ -4,15 +4,21 @@ A scheduler's preemption or time limit (SLURM, Kubernetes: SIGTERM, then SIGKILL
 period), SLURM's early warning (``#SBATCH --signal=USR1@SECONDS``: SIGUSR1), a launcher passing
 on a Ctrl-C (SIGTERM) or Ctrl-C itself (SIGINT) would otherwise kill the ranks and lose every
 step since the last periodic checkpoint. Here the signal only sets a flag. Before each
-micro-step and each val-loss batch the ranks agree on it (one 1-element all-reduce: a signal that
+micro-step and each val-loss batch the ranks agree on it (a 1-element all-reduce: a signal that
 reached one rank stops them all at the same point), and when it is set they abandon the optimizer
 step (or val pass) in progress, save the state as it was after the last completed step, and exit
 with :data:`EXIT_CODE`.
 
-Abandoning the window makes the stop exact and quick: the parameters and optimizer state have not
-moved since the last optimizer step (only gradients were accumulated, and they are dropped), the
+The all-reduce runs in the background and is read at the next check. A blocking one held the
+ranks in lockstep before every micro-step: 80 steps of the demo config on 2 gloo ranks took 7 %
+longer per step (median 0.97-1.00 s against 0.90-0.94 s with no collective), and the background
+one took no longer than none. So a signal stops the run at the second check after it: the wait is
+at most two micro-steps (or val batches), then one save.
+
+Abandoning the window makes the stop exact: the parameters and optimizer state have not moved
+since the last optimizer step (only gradients were accumulated, and they are dropped), and the
 data position and the RNG are taken back to the window's start, so the resumed run trains that
-window again as the uninterrupted run did. The wait is at most one micro-step, then one save.
+window again as the uninterrupted run did.
 
 Repeated signals change nothing (SLURM signals every process and the launcher passes the signal
 on, so a rank often gets two); a second Ctrl-C (SIGINT) stops at once, without saving.
@@ -42,13 +48,16 @@ class StopRequest:
         self.device, self.world = device, world
         self.signal: str | None = None  # the first signal's name
         self._previous: dict = {}
+        self._asked: _Asked | None = None  # the ranks' flags, all-reduced in the background
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:  # after an error another rank may never join the all-reduce
+            self.settle()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -62,11 +71,37 @@ class StopRequest:
 
     def agreed(self) -> str | None:
         """None to go on; else why to stop: this rank's signal, or "a signal on another rank".
-        Every rank calls it at the same point of the loop (a collective when world > 1)."""
+        Every rank calls it at the same points of the loop, and every rank gets the same answer
+        at the same call. With several ranks the answer is the one the previous call asked the
+        ranks for (an all-reduce started then, read now): no rank waits for the others here, and
+        a signal stops the run one call later than it would with a blocking all-reduce."""
         if self.world == 1:
             return self.signal
-        flag = torch.tensor([float(self.signal is not None)], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if not flag.item():
+        asked, self._asked = self._asked, self._ask()
+        if asked is None or not asked.result():
             return None
+        self._asked.result()  # nothing left in flight when the ranks go on to save
+        self._asked = None
         return self.signal or "a signal on another rank"
+
+    def _ask(self) -> _Asked:
+        flag = torch.tensor([float(self.signal is not None)], device=self.device)
+        op = torch.distributed.ReduceOp.MAX
+        return _Asked(flag, torch.distributed.all_reduce(flag, op=op, async_op=True))
+
+    def settle(self) -> None:
+        """Wait for the all-reduce still in flight, if any (before the process group goes)."""
+        if self._asked is not None:
+            self._asked.result()
+            self._asked = None
+
+
+class _Asked:
+    """An all-reduce of the ranks' stop flags in flight; ``result()`` waits for it."""
+
+    def __init__(self, flag: torch.Tensor, work):
+        self.flag, self.work = flag, work
+
+    def result(self) -> bool:
+        self.work.wait()
+        return bool(self.flag.item())

@@ -5,7 +5,7 @@
 First an uninterrupted run (OUT/reference). Then, per spec, in OUT/<spec>: a run whose process
 sends itself SIGTERM during the MICRO-th training forward (from 0) of optimizer step STEP (from
 1) on RANKS (``all`` or one rank number), as a scheduler's or a user's ``kill`` would; then the
-same config again, which resumes. Two micro-batches per optimizer step, LoRA dropout on (every
+same config again, which resumes. Three micro-batches per optimizer step, LoRA dropout on (every
 random draw matters). Run with plain ``python`` or torchrun. Rank 0 saves each run's final
 trainable weights to ``final.pt``; each rank prints one ``RESULT {json}`` line per spec."""
 
@@ -24,7 +24,7 @@ from dst_train.model.dst_model import DSTModel
 demo_root, tiny, out_root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 specs = [a for a in sys.argv[4:] if "=" not in a]
 extra = [a for a in sys.argv[4:] if "=" in a]
-GRAD_ACCUM = 2
+GRAD_ACCUM = 3
 where = {"target": None, "ranks": "all", "forwards": 0}
 real_forward = DSTModel.forward
 

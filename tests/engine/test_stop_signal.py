@@ -1,9 +1,9 @@
 """A signal stops a run with nothing lost, and the same command resumes it exactly.
 
 SIGTERM (a scheduler's preemption or time limit, ``kill``, a launcher passing on Ctrl-C), SIGINT
-and SIGUSR1 (SLURM's early warning) make every rank stop before its next micro-step, save the
+and SIGUSR1 (SLURM's early warning) make every rank stop within two micro-steps, save the
 state after the last completed optimizer step and exit with code 75. Each scenario is a short
-real run (tiny SmolVLM with LoRA dropout, DeepSpeed ZeRO-2, gloo, two micro-batches per step;
+real run (tiny SmolVLM with LoRA dropout, DeepSpeed ZeRO-2, gloo, three micro-batches a step;
 tests/engine/scenario_stop.py) stopped by a signal at a chosen place and run again, compared
 with the uninterrupted run.
 """
@@ -34,13 +34,15 @@ def _weights(out: Path, spec: str) -> dict:
 def test_a_signal_mid_step_on_one_rank_stops_all_and_the_resume_is_exact(
     demo_root, tiny_model_dir, tmp_path
 ):
-    # "3:0:1": only rank 1 gets SIGTERM, in step 3's first micro-batch: both ranks stop before
-    # the second one, drop the half-accumulated step and save step 2 (with the data position and
-    # RNG of step 3's start). "3:1:all": every rank, in step 3's last micro-batch: step 3 ends,
-    # is logged and saved, and the run stops before step 4. "2:1:all": in step 2's last
-    # micro-batch, before the val loss due after step 2 (eval_every 2): the val pass is cut
-    # short, step 2 saved. "5:1:all": in the last step: trained to the end, the final val loss
-    # cut short, step 5 saved; the run again has nothing to do
+    # A signal is acted on at the second stop check after it (the ranks' all-reduce of the
+    # flags is read one check later), and the checks come before every micro-step (3 a step)
+    # and val batch. "3:0:1": only rank 1 gets SIGTERM, in step 3's first micro-batch: both ranks
+    # stop before the third, drop the half-accumulated step and save step 2 (with the data
+    # position and RNG of step 3's start). "3:1:all": every rank, in step 3's second
+    # micro-batch: step 3 ends, is logged and saved, and the run stops before step 4. "2:1:all":
+    # before the val loss due after step 2 (eval_every 2): the val pass is cut short, step 2
+    # saved. "5:1:all": trained to the end, the final val loss cut short, step 5 saved; the run
+    # again has nothing to do
     specs = ["3:0:1", "3:1:all", "2:1:all", "5:1:all"]
     proc, found = _scenarios(demo_root, tiny_model_dir, tmp_path, specs)
     ref = found[("reference", 0)]
