@@ -80,8 +80,7 @@ class StopRequest:
         asked, self._asked = self._asked, self._ask()
         if asked is None or not asked.result():
             return None
-        self._asked.result()  # nothing left in flight when the ranks go on to save
-        self._asked = None
+        self.settle()  # nothing left in flight when the ranks go on to save
         return self.signal or "a signal on another rank"
 
     def _ask(self) -> _Asked:
