@@ -225,38 +225,17 @@ def die_with_launcher() -> None:
     kill of the launcher's process group would leave them training and writing checkpoints
     beside the run that resumes. Linux only (prctl PR_SET_PDEATHSIG); a no-op elsewhere and for
     a plain ``python`` run, whose parent is a shell that may exit (nohup)."""
+    import ctypes
+    import signal
     import sys
 
     if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
-    die_with_parent()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() != parent or parent == 1:  # the launcher died before the call: follow it
         os._exit(1)
-
-
-def die_with_parent() -> None:
-    """SIGKILL this process when its parent dies (Linux ``PR_SET_PDEATHSIG``; a no-op elsewhere)."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def loader_worker_init(_worker_id: int) -> None:
-    """A train-loader worker leaves the stop signals to its rank (stop_request.py) and dies with
-    it. SLURM, and a ``kill`` or Ctrl-C of the run's process group, signal the workers too: a
-    worker killed by SIGTERM made its rank fail on the next batch, before it could save."""
-    import signal
-
-    from dst_train.engine.stop_request import STOP_SIGNALS
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    die_with_parent()
 
 
 def seed_everything(seed: int) -> None:
@@ -329,7 +308,6 @@ def sample_loader(dataset, sampler, num_workers: int) -> torch.utils.data.DataLo
         num_workers=num_workers,
         prefetch_factor=max(2, -(-2 * sampler.batch_size // num_workers)) if num_workers else None,
         generator=torch.Generator(),
-        worker_init_fn=loader_worker_init,
     )
 
 
@@ -414,9 +392,7 @@ def fit(cfg: RunConfig) -> dict:
     )
     del engine  # the safety net may replace it: always use oom_net.engine from here on
     oom_net.engine.train()
-    # from here a signal saves and stops (stop_request.py); the loader's workers, which leave
-    # the signals to this process, are shut down when the loop ends, however it ends
-    with stop, contextlib.closing(stream):
+    with stop:  # from here a signal saves and stops (stop_request.py)
         while state["step"] < t.max_steps:
             t0 = time.perf_counter()
             # where this step starts: a stop inside it saves this state and this RNG
