@@ -37,7 +37,8 @@ EXIT_CODE = 75
 
 
 class StopRequested(Exception):  # noqa: N818 — a request, not an error
-    """Raised at a micro-step boundary when the ranks agreed to stop; ``str()`` names the signal."""
+    """Raised before a micro-step or val batch when the ranks agreed to stop; ``str()`` names
+    the signal."""
 
 
 class StopRequest:

@@ -403,7 +403,8 @@ def fit(cfg: RunConfig) -> dict:
                 window.append(items)
                 state.update(epoch=epoch, batch_in_epoch=index + 1)
             try:
-                sums = oom_net.run_window(window, state["step"] + 1)  # losses…, tokens, samples
+                # losses…, tokens, samples; fetching the window drew nothing from the RNG
+                sums = oom_net.run_window(window, state["step"] + 1, rng)
             except StopRequested as why:
                 checkpoint.set_rng_state(rng)
                 during = f"step {before['step'] + 1}"
@@ -521,10 +522,13 @@ class MicroBatchRunner:
         """Samples per engine micro-step now (the configured micro-batch until an OOM halves it)."""
         return self.chunk
 
-    def run_window(self, window: list[list], step: int = 0) -> torch.Tensor:
+    def run_window(
+        self, window: list[list], step: int = 0, rng: dict | None = None
+    ) -> torch.Tensor:
         """Forward/backward/step over every micro-batch of optimizer step ``step``; returns the
-        summed losses, tokens and samples."""
-        rng = checkpoint.rng_state()
+        summed losses, tokens and samples. ``rng``: the RNG state of the window's start, if the
+        caller has it (a replay after an OOM restores it)."""
+        rng = rng if rng is not None else checkpoint.rng_state()
         while True:
             try:
                 return self._run(window)
