@@ -22,11 +22,18 @@ window again as the uninterrupted run did.
 
 Repeated signals change nothing (SLURM signals every process and the launcher passes the signal
 on, so a rank often gets two); a second Ctrl-C (SIGINT) stops at once, without saving.
+
+The train loader's worker processes get the same signals (SLURM's scancel, preemption and
+``--signal`` reach every process of the job; ``kill`` or Ctrl-C reach the whole process group).
+A worker killed by one made its rank fail on the next batch, before it could save, so the
+workers leave the stop signals to their rank (:func:`loader_worker_init`).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 
 import torch
 
@@ -105,3 +112,23 @@ class _Asked:
     def result(self) -> bool:
         self.work.wait()
         return bool(self.flag.item())
+
+
+def loader_worker_init(_worker_id: int) -> None:
+    """``worker_init_fn`` of the train loader: this worker leaves the stop signals to its rank.
+
+    They are blocked here and taken by a thread that ignores them, except a SIGTERM sent by the
+    rank itself: that is how the DataLoader (a worker that does not finish within 5 s of being
+    told to) and Python's exit (``multiprocessing``'s daemon children) end workers, so it still
+    ends this one at once. A worker whose rank died ends by itself: the DataLoader's watchdog
+    checks the parent every 5 s."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # threads started later inherit it
+    threading.Thread(target=_take_stop_signals, args=(parent,), daemon=True).start()
+
+
+def _take_stop_signals(parent: int) -> None:
+    while True:
+        got = signal.sigwaitinfo(STOP_SIGNALS)
+        if got.si_signo == signal.SIGTERM and got.si_pid == parent:
+            os._exit(0)

@@ -295,10 +295,12 @@ def sample_loader(dataset, sampler, num_workers: int) -> torch.utils.data.DataLo
     (``batches_forever`` regroups them). The workers keep about two micro-batches' samples in
     flight between them. The loader's own generator (re-seeded per epoch in
     ``batches_forever``): creating its iterator (each epoch, and again after a resume) must not
-    draw from the global RNG dropout uses."""
+    draw from the global RNG dropout uses. The workers leave the stop signals to their rank
+    (``stop_request.loader_worker_init``)."""
     from torch.utils.data import DataLoader
 
     from dst_train.data.collate import SampleOrder
+    from dst_train.engine.stop_request import loader_worker_init
 
     return DataLoader(
         dataset,
@@ -308,6 +310,7 @@ def sample_loader(dataset, sampler, num_workers: int) -> torch.utils.data.DataLo
         num_workers=num_workers,
         prefetch_factor=max(2, -(-2 * sampler.batch_size // num_workers)) if num_workers else None,
         generator=torch.Generator(),
+        worker_init_fn=loader_worker_init,
     )
 
 

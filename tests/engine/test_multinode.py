@@ -202,11 +202,11 @@ def test_slurm_nodes_with_their_own_disks_resume_and_convert(
 def test_slurms_warning_signal_saves_stops_and_requeues_and_the_requeued_job_resumes(
     one_node, demo_root, tiny_model_dir, tmp_path
 ):
-    """``--signal=USR1@300``: SLURM signals every process of the job's steps (the launchers too,
-    not the batch shell or srun) ahead of the time limit."""
+    """``--signal=USR1@300``: SLURM signals every process of the job's steps (the launchers and
+    the loader workers too, not the batch shell or srun) ahead of the time limit."""
     slurm = FakeSlurm(tmp_path)
     out = tmp_path / "run"  # one filesystem for both nodes
-    args = overrides(demo_root, tiny_model_dir, out)
+    args = overrides(demo_root, tiny_model_dir, out, "data.num_workers=2")
     job = slurm.submit(args)
     deadline = time.time() + 300
     while not [r for r in _rows(out) if r["kind"] == "train" and r["step"] >= 2]:
@@ -222,7 +222,7 @@ def test_slurms_warning_signal_saves_stops_and_requeues_and_the_requeued_job_res
         if pid != job.pid and b"slurm-bin/srun" not in cmd:  # not the batch shell, not srun
             os.kill(pid, signal.SIGUSR1)
             signalled += 1
-    assert signalled >= 6  # per node: the deepspeed runner, its launcher, the rank
+    assert signalled >= 10  # per node: the deepspeed runner, its launcher, the rank, 2 workers
     assert job.wait(timeout=120) == 75, slurm.log()[-3000:]
     log = slurm.log()
     # where the stop lands depends on timing: in a step (the one before is saved) or in a val

@@ -5,6 +5,7 @@ weights and one metrics row per step, as an uninterrupted run of the same comman
 LoRA dropout is on (0.3) so that every random draw matters, and one epoch holds several
 batches per rank, so the data position inside an epoch matters too."""
 
+import json
 import os
 import random
 import signal
@@ -185,3 +186,38 @@ def test_workers_die_with_a_killed_torchrun(demo_root, tiny_model_dir, tmp_path)
     for pid in left:  # never leave them running, even when the test fails
         os.kill(pid, signal.SIGKILL)
     assert not left, "workers outlived their killed launcher"
+
+
+def test_sigterm_to_the_whole_run_with_loader_workers_saves_and_resumes_exactly(
+    reference, demo_root, tiny_model_dir, tmp_path
+):
+    # what SLURM's scancel or preemption does: SIGTERM to every process, the loader workers
+    # too. A worker killed by it made its rank fail on the next batch, before saving; they now
+    # leave the signal to their rank, and are shut down when it stops
+    out = tmp_path / "terminated"
+    args = overrides(demo_root, tiny_model_dir, out, "data.num_workers=2", "train.save_every=0")
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(
+        train_command(args), cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not any(r["kind"] == "train" for r in _complete_rows(out)):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait()
+    start = time.time()
+    while subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout.strip():
+        assert time.time() - start < 20, "processes of the stopped run are still alive"
+        time.sleep(0.2)
+    assert "stopped by SIGTERM during " in log.read_text(), log.read_text()[-3000:]
+    assert checkpoint.latest_tag(out / "checkpoints") is not None
+    run_training(args)  # the same command, to the end
+    assert_same_run(out, reference)
+
+
+def _complete_rows(out) -> list[dict]:
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    return [json.loads(x) for x in lines if x.endswith("\n")]
