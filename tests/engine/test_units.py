@@ -46,6 +46,9 @@ def test_shipped_ds_configs_resolve(name):
     if "zero3" in name:
         assert z["stage"] == 3 and z["stage3_gather_16bit_weights_on_model_save"] is True
         assert z["stage3_param_persistence_threshold"] == 20480
+        assert z["stage3_prefetch_bucket_size"] == int(0.9 * 2048 * 2048)
+    else:
+        assert z["allgather_bucket_size"] == 2048 * 2048
     if "offload" in name:
         assert z["offload_optimizer"]["device"] == "cpu"
     cpu = build_ds_config(f"ds_configs/{name}.json", dtype="bf16", on_gpu=False, **KW)
@@ -565,3 +568,23 @@ def test_which_out_of_memory_errors_the_safety_net_replays(world, zero, phase, r
         with pytest.raises(Stopped, match=f"in the {phase} of step 7"):
             runner._recover("CUDA out of memory", step=7)
         assert rebuilt == []
+
+
+class _FolderEngine:
+    """Stands in for the DeepSpeed engine's save (one file per tag): what keep-last sees."""
+
+    def save_checkpoint(self, ckpt_dir, tag, save_latest):
+        (Path(ckpt_dir) / tag).mkdir(parents=True)
+        (Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"")
+
+
+@pytest.mark.parametrize("keep", [1, 2, 0])
+def test_keep_last_leaves_the_newest_complete_checkpoints(tmp_path, keep):
+    from dst_train.engine import checkpoint
+
+    ckpt = tmp_path / "checkpoints"
+    for step in range(1, 6):
+        checkpoint.save(_FolderEngine(), ckpt, step, {"step": step}, "", keep, 0, lambda: None)
+        assert checkpoint.latest_tag(ckpt) == checkpoint.tag_of(step)
+    want = [checkpoint.tag_of(s) for s in range(1, 6)][-keep if keep else 0 :]
+    assert checkpoint.complete_tags(ckpt) == want  # 0 keeps every one

@@ -97,6 +97,18 @@ def test_update_f1_and_transition_accuracy_on_net_changes():
     assert s["valid_dst_ratio"] == pytest.approx(2 / 3)
 
 
+def test_a_transition_is_the_change_from_the_frame_before_not_from_the_start():
+    initial = {"1": NS, "1.1": NS, "1.2": NS}
+    first = {"1": IP, "1.1": IP, "1.2": NS}  # frame 0's update
+    second = {"1": IP, "1.1": C, "1.2": IP}
+    ref = [first, first] + [second] * 8  # the second update at frame 2
+    pred = [first] + [second] * 9  # ... predicted one frame early, at frame 1
+    s = dst_scores([_video(pred, ref, [0, 1], [0, 2], initial=initial)])
+    assert s["update_f1"] == 1.0
+    # frame 1's change is frame 0's state → frame 1's: the reference's change at frame 2
+    assert s["transition_accuracy"] == 1.0
+
+
 def test_tolerance_uses_each_videos_fps():
     states = [{"1": NS}] * 40
     near = _video(states, states, [10], [13], fps=2.0)  # 1 s = 2 frames: 3 apart is too far

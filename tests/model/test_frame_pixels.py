@@ -92,3 +92,6 @@ def test_frame_reader_hands_out_8bit_pixels(demo_root, tiny_model_dir):
     proc = load_image_processor(str(tiny_model_dir))
     pixels = FramePixels(demo_root, proc).load(clip.frames_file, [0, 1, 2, 5])
     assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, 32, 32)
+    # frames come back in the order asked, read in contiguous runs whatever that order is
+    shuffled = FramePixels(demo_root, proc).load(clip.frames_file, [5, 0, 1, 2, 1])
+    assert torch.equal(shuffled, pixels[[3, 0, 1, 2, 1]])

@@ -61,6 +61,18 @@ def test_token_loss_is_cross_entropy_in_fp32():
     assert token_loss(logits, targets, gamma=2.0) < got
 
 
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_token_focal_loss_matches_reference_formula(gamma):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 7) * 3  # some tokens easy, some hard: the factor matters
+    targets = torch.tensor([0, 1, 2, 3, 4, 5])
+    total = 0.0
+    for row, y in zip(logits.tolist(), targets.tolist(), strict=True):
+        p = math.exp(row[y]) / sum(math.exp(v) for v in row)
+        total += -((1 - p) ** gamma) * math.log(p)
+    assert token_loss(logits, targets, gamma).item() == pytest.approx(total / 6, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "cap, flash, want",
     [
