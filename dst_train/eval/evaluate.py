@@ -75,20 +75,27 @@ def load_models(
 def frame_probabilities(
     model, dataset, collate, device: torch.device = CPU
 ) -> dict[str, np.ndarray]:
-    """Teacher-forced speak/update probabilities and labels of every frame of ``dataset``."""
+    """Teacher-forced speak/update probabilities and labels of every frame of ``dataset``; the
+    update label is -1 on the frames of a video without DST annotation (the batch's 0 there
+    only fills a slot that has no loss weight)."""
     model.eval()
     out = {"speak_p": [], "update_p": [], "speak": [], "update": []}
     for i in range(len(dataset)):
-        batch = collate([dataset[i]])
+        item = dataset[i]
+        batch = collate([item])
         res = model(**{k: v.to(device) for k, v in batch.items()})
         for head in ("speak", "update"):
             out[f"{head}_p"].append(torch.sigmoid(res[f"{head}_logits"].float()).cpu().numpy())
         out["speak"].append(batch["speak"].numpy())
-        out["update"].append(batch["update"].numpy())
+        out["update"].append(np.array(item["sample"].update, dtype=np.int64))
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
 def sweep(probs: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """Precision, recall and F1 at each of ``THRESHOLDS``; frames labelled -1 (unknown: a video
+    without DST, whose updates streaming never decodes) are left out."""
+    known = labels >= 0
+    probs, labels = probs[known], labels[known]
     rows = []
     for t in THRESHOLDS:
         pred = probs > t

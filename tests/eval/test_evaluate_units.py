@@ -30,6 +30,46 @@ def test_the_threshold_with_the_best_validation_f1_is_chosen():
     assert best_threshold(sweep(probs, 1 - labels)) == 0.05  # the labels decide it
 
 
+def test_frames_without_a_dst_annotation_take_no_part_in_the_update_threshold():
+    # two frames of a video without DST (-1): whatever the head says there is never used
+    probs = np.array([0.9, 0.9, 0.2, 0.8, 0.3])
+    labels = np.array([-1, -1, 0, 1, 0])
+    known = labels >= 0
+    assert sweep(probs, labels) == sweep(probs[known], labels[known])
+    assert {r["threshold"]: r["precision"] for r in sweep(probs, labels)}[0.5] == 1.0
+
+
+def test_frame_probabilities_keep_the_update_labels_of_videos_without_dst_unknown(
+    demo_root, tiny_model_dir, tmp_path
+):
+    import shutil
+
+    import torch
+
+    from dst_train.data.collate import make_collate
+    from dst_train.data.dataset import load_split
+    from dst_train.data.pipeline import make_dataset
+    from dst_train.eval.evaluate import frame_probabilities
+    from dst_train.model.backbone import load_image_processor, load_tokenizer
+    from dst_train.model.build import Precision, build_model
+    from tests.conftest import tiny_run_config
+
+    root = tmp_path / "demo"
+    shutil.copytree(demo_root, root)
+    # the train split (4 videos; val has 1): its first video loses its DST annotation
+    (root / "dst" / f"{load_split(root, 'train')[0].clip.video_uid}.tsv").unlink()
+    cfg = tiny_run_config(root, tiny_model_dir)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa"))
+    tok = load_tokenizer(cfg.model.arch)
+    ds = make_dataset(cfg, "train", tok, model.backbone, load_image_processor(cfg.model.arch))
+    probs = frame_probabilities(model, ds, make_collate(tok.pad_token_id, False))
+    want = np.concatenate([s.update for s in ds.samples])
+    assert (want == -1).any() and (want >= 0).any()  # both kinds of video in the split
+    assert np.array_equal(probs["update"], want)
+    assert np.array_equal(probs["speak"], np.concatenate([s.speak for s in ds.samples]))
+
+
 def test_ties_go_to_the_threshold_nearest_one_half():
     rows = [{"threshold": t, "f1": 0.5} for t in (0.1, 0.45, 0.6, 0.9)]
     assert best_threshold(rows) == 0.45
