@@ -81,6 +81,8 @@ def tree(tmp_path):
         ("STEP", "1", 0, 10, "build"),
         ("SUBSTEP", "1.1", 1.0, 3.0, "base"),
         ("ACTION", "1.1.1", 1.0, 3.0, "screw"),
+        ("SUBSTEP", "1.2", 3.2, 4.7, "top"),  # starts inside a frame: 3.2 s is in frame 6
+        ("ACTION", "1.2.1", 3.2, 4.7, "glue"),
     ]
     return load_dst_tsv(write_tsv(tmp_path / "v.tsv", rows))
 
@@ -97,7 +99,22 @@ def test_the_reference_state_after_a_frame_is_the_state_when_the_next_frame_star
     ref = dst_inputs({"labels": labels, "traces": traces, "tree": tree})["ref_states"]
     action = [s["1.1.1"] for s in ref]
     assert action == [NOT_STARTED] * 2 + [IN_PROGRESS] * 4 + [COMPLETED] * 2
+    # a start inside frame 6 ([3.0, 3.5) s) is in the state after it, not in the one before
+    assert [s["1.2.1"] for s in ref] == [NOT_STARTED] * 6 + [IN_PROGRESS] * 2
     assert dst_inputs({"labels": labels, "traces": traces, "tree": None}) is None
+
+
+def test_an_invalid_decoded_update_is_still_a_predicted_update(tree):
+    # the update head fired at frames 1 and 3; frame 3's text was invalid (then repaired): both
+    # are predictions for update F1, and the valid ratio counts the one that needed no repair
+    labels = SimpleNamespace(
+        clip=SimpleNamespace(fps=2.0), start=0, initial_state={}, dst_updates={2: "x"}
+    )
+    valid = [None, True, None, False, None]
+    traces = [SimpleNamespace(frame=f, state={}, dst_valid=v) for f, v in enumerate(valid)]
+    got = dst_inputs({"labels": labels, "traces": traces, "tree": tree})
+    assert got["pred_updates"] == [1, 3] and got["valid"] == [True, False]
+    assert got["ref_updates"] == [2]
 
 
 def test_the_reference_turn_is_silent_for_a_lone_dot():
