@@ -118,7 +118,7 @@ def best_threshold(rows: list[dict]) -> float:
 
 
 class StaleTraces(ValueError):
-    """``--resume`` found traces made with other settings."""
+    """``--resume`` found traces made with other settings, or a trace file it cannot read."""
 
 
 SETTINGS_FILE = "settings.json"
@@ -130,9 +130,8 @@ def trace_file(trace_dir: Path, clip) -> Path:
 
 def finished_traces(trace_dir: Path, settings: dict, labels_list) -> dict[int, list]:
     """Traces of an earlier run with the same ``settings`` (clip index → traces), for
-    ``--resume``; raises :class:`StaleTraces` naming the setting that changed."""
-    from dst_train.infer.stream import FrameTrace
-
+    ``--resume``; raises :class:`StaleTraces` naming the setting that changed, or the file
+    and line that is not a trace."""
     path = trace_dir / SETTINGS_FILE
     if not path.is_file():
         return {}
@@ -155,8 +154,21 @@ def finished_traces(trace_dir: Path, settings: dict, labels_list) -> dict[int, l
     for i, labels in enumerate(labels_list):
         f = trace_file(trace_dir, labels.clip)
         if f.is_file():  # written atomically: a file there is a whole clip
-            found[i] = [FrameTrace(**json.loads(x)) for x in f.read_text().splitlines()]
+            found[i] = [_trace(f, n, x) for n, x in enumerate(f.read_text().splitlines(), 1)]
     return found
+
+
+def _trace(path: Path, line: int, text: str):
+    """One line of a trace file as a FrameTrace; StaleTraces naming ``path:line`` if it is not
+    one (edited by hand, or written by another version)."""
+    from dst_train.infer.stream import FrameTrace
+
+    try:
+        return FrameTrace(**json.loads(text))
+    except (ValueError, TypeError) as e:  # bad JSON, not an object, unknown or missing keys
+        raise StaleTraces(
+            f"{path}:{line}: not a trace record ({e}); remove the file or run without --resume"
+        ) from None
 
 
 def run_split(

@@ -191,3 +191,19 @@ def test_a_clip_that_starts_late_in_its_video_lines_up_its_references():
     turns = video_turns({"labels": labels, "traces": traces})
     assert turns.ref == [""] * 3 + ["Attach the wheel."] + [""] * 6
     assert turns.video_uid == "v_3"
+
+
+def test_resume_names_the_trace_file_and_line_it_cannot_read(tmp_path):
+    from dst_train.eval.evaluate import SETTINGS_FILE, StaleTraces, finished_traces, trace_file
+
+    clip = SimpleNamespace(video_uid="v1", clip_idx=0)
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({"split": "test"}))
+    good = {"frame": 0, "time": 0.0, "speak_prob": 0.1, "update_prob": 0.2}
+    path = trace_file(tmp_path, clip)
+    path.write_text(json.dumps(good) + "\n")
+    got = finished_traces(tmp_path, {"split": "test"}, [SimpleNamespace(clip=clip)])
+    assert got[0][0].speak_prob == 0.1
+    for bad in ("{not json", json.dumps({**good, "mystery": 1}), json.dumps([1, 2])):
+        path.write_text(json.dumps(good) + "\n" + bad + "\n")
+        with pytest.raises(StaleTraces, match=rf"{path}:2: not a trace record .*--resume"):
+            finished_traces(tmp_path, {"split": "test"}, [SimpleNamespace(clip=clip)])
