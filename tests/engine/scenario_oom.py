@@ -15,6 +15,7 @@ each rank prints one ``RESULT {json}`` line per run."""
 
 import gc
 import json
+import os
 import sys
 import weakref
 from pathlib import Path
@@ -134,22 +135,20 @@ for spec in specs:
         weights = {n: p.detach().clone() for n, p in trained if p.requires_grad}
         torch.save(weights, out / "final.pt")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "spec": spec,
-                "rank": rank,
-                "oom_calls": calls["oom"],
-                "engines_built": len(engines),
-                "engines_alive": sum(ref() is not None for ref in engines),
-                "micro_batches": [r["micro_batch"] for r in rows if r["kind"] == "train"],
-                "train_batch_size": engine.train_batch_size(),
-                "accumulation": engine.gradient_accumulation_steps(),
-                "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
-                "global_steps": engine.global_steps,
-                "losses": [r["loss"] for r in rows if r["kind"] == "train"],
-            }
-        ),
-        flush=True,
-    )
+    result = {
+        "spec": spec,
+        "rank": rank,
+        "oom_calls": calls["oom"],
+        "engines_built": len(engines),
+        "engines_alive": sum(ref() is not None for ref in engines),
+        "micro_batches": [r["micro_batch"] for r in rows if r["kind"] == "train"],
+        "train_batch_size": engine.train_batch_size(),
+        "accumulation": engine.gradient_accumulation_steps(),
+        "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+        "global_steps": engine.global_steps,
+        "losses": [r["loss"] for r in rows if r["kind"] == "train"],
+    }
+    sys.stdout.flush()
+    # one write(2) of a whole line, after a newline: the ranks share the pipe, and a line
+    # written in pieces (print writes the text and its newline apart) could be cut by another's
+    os.write(1, ("\nRESULT " + json.dumps(result) + "\n").encode())
