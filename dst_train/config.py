@@ -112,7 +112,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_last: int = 2  # checkpoints kept (older ones deleted after a successful save)
     resume: str = "auto"  # auto (latest in output_dir if any) | never | a checkpoint folder
-    log_every: int = 1  # optimizer steps between metrics lines
+    log_every: int = 1  # optimizer steps between metrics lines (each reads the losses back)
     max_skipped_in_a_row: int = 20  # fp16 overflow: stop after this many skipped steps in a row
     cpu_shm_comm: bool = False  # CPU runs: build DeepSpeed's shared-memory comm op (~45 s compile)
     tensorboard: bool = True

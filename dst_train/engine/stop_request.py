@@ -57,6 +57,14 @@ class StopRequest:
         self.signal: str | None = None  # the first signal's name
         self._previous: dict = {}
         self._asked: _Asked | None = None  # the ranks' flags, all-reduced in the background
+        # The flags travel as CPU tensors, over gloo. A flag on the GPU would be read (.item())
+        # after every kernel queued before it: the host would wait for the whole previous
+        # micro-step at every check, and the GPU would idle while the host prepares the next.
+        # A GPU run's default group (NCCL) cannot carry CPU tensors: every rank makes a gloo
+        # group here, at the same point of the run (a collective).
+        self._group = None
+        if world > 1 and device.type != "cpu":
+            self._group = torch.distributed.new_group(backend="gloo")
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:
@@ -92,9 +100,10 @@ class StopRequest:
         return self.signal or "a signal on another rank"
 
     def _ask(self) -> _Asked:
-        flag = torch.tensor([float(self.signal is not None)], device=self.device)
+        flag = torch.tensor([float(self.signal is not None)])
         op = torch.distributed.ReduceOp.MAX
-        return _Asked(flag, torch.distributed.all_reduce(flag, op=op, async_op=True))
+        work = torch.distributed.all_reduce(flag, op=op, group=self._group, async_op=True)
+        return _Asked(flag, work)
 
     def settle(self) -> None:
         """Wait for the all-reduce still in flight, if any (before the process group goes)."""

@@ -415,8 +415,9 @@ def fit(cfg: RunConfig) -> dict:
             engine = oom_net.engine
             state["step"] += 1
             guard.update(engine.skipped_steps, loss_scale(engine))
-            sums = all_reduce_sum(sums, device)
             if state["step"] % t.log_every == 0 or state["step"] == t.max_steps:
+                # the step's only wait for the device: its losses are read back to be logged
+                sums = all_reduce_sum(sums, device)
                 n_micro = s["grad_accum"] * world
                 row = {k: sums[i].item() / n_micro for i, k in enumerate(LOSSES)}
                 dt = time.perf_counter() - t0
@@ -529,8 +530,9 @@ class MicroBatchRunner:
         self, window: list[list], step: int = 0, rng: dict | None = None
     ) -> torch.Tensor:
         """Forward/backward/step over every micro-batch of optimizer step ``step``; returns the
-        summed losses, tokens and samples. ``rng``: the RNG state of the window's start, if the
-        caller has it (a replay after an OOM restores it)."""
+        summed losses, tokens and samples ((len(LOSSES) + 2,) float64, on the run's device).
+        ``rng``: the RNG state of the window's start, if the caller has it (a replay after an
+        OOM restores it)."""
         rng = rng if rng is not None else checkpoint.rng_state()
         while True:
             try:
@@ -545,7 +547,12 @@ class MicroBatchRunner:
             checkpoint.set_rng_state(rng)  # the replay draws the same dropout masks
 
     def _run(self, window: list[list]) -> torch.Tensor:
-        sums = torch.zeros(len(LOSSES) + 2, dtype=torch.float64)
+        # The losses are summed where they are (on the GPU): reading one back (.item()) would
+        # make the host wait for the micro-step's last kernel, and the GPU would then idle
+        # while the host collates and copies the next micro-batch. The caller reads the sums
+        # once, when it logs them.
+        losses = torch.zeros(len(LOSSES), dtype=torch.float64, device=self.device)
+        tokens = samples = 0
         for items in window:
             parts = range(0, len(items), self.chunk)
             for c in parts:
@@ -558,10 +565,11 @@ class MicroBatchRunner:
                 self.engine.backward(out["loss"])
                 self.phase = "step"
                 self.engine.step()
-                sums[: len(LOSSES)] += torch.tensor([out[k].item() for k in LOSSES]) / len(parts)
-                sums[-2] += batch["attention_mask"].sum().item()
-                sums[-1] += batch["input_ids"].shape[0]
-        return sums
+                losses += torch.stack([out[k].detach() for k in LOSSES]).double() / len(parts)
+                tokens += int(batch["attention_mask"].sum())  # the host's copy of the batch
+                samples += batch["input_ids"].shape[0]
+        counts = torch.tensor([tokens, samples], dtype=torch.float64, device=self.device)
+        return torch.cat([losses, counts])
 
     def _forward(self, items: list[dict]) -> tuple[dict, dict]:
         """Collate (on a GPU it allocates there: ``step_collate``) and the engine's forward;
@@ -673,7 +681,7 @@ def evaluate(engine, loader, device, max_batches: int = 0, stop: StopRequest | N
     (:class:`StopRequested`). It draws nothing from the global RNG (no dropout in eval mode, the
     val batches are fixed), so a stop during it saves the RNG of the next step's start."""
     engine.eval()
-    sums = torch.zeros(len(LOSSES) + 1, dtype=torch.float64)
+    sums = torch.zeros(len(LOSSES) + 1, dtype=torch.float64, device=device)  # read once, at the end
     loader.batch_sampler.set_epoch(0)
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
@@ -683,7 +691,7 @@ def evaluate(engine, loader, device, max_batches: int = 0, stop: StopRequest | N
             engine.train()
             raise StopRequested(why)
         out = engine(**to_device(batch, device))
-        sums[:-1] += torch.tensor([out[k].item() for k in LOSSES])
+        sums[:-1] += torch.stack([out[k] for k in LOSSES]).double()
         sums[-1] += 1
     engine.train()
     sums = all_reduce_sum(sums, device)

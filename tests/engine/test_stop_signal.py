@@ -8,6 +8,8 @@ tests/engine/scenario_stop.py) stopped by a signal at a chosen place and run aga
 with the uninterrupted run.
 """
 
+import json
+import os
 import signal
 from pathlib import Path
 
@@ -103,3 +105,28 @@ def test_a_stopped_run_exits_with_the_code_that_means_resume(monkeypatch, tmp_pa
     assert cli.main(["train", "--config", str(tmp_path / "x.yaml")]) == EXIT_CODE == 75
     monkeypatch.setattr(trainer, "fit", lambda cfg: {"step": 5, "val_loss": 1.0})
     assert cli.main(["train", "--config", str(tmp_path / "x.yaml")]) == 0
+
+
+def _agree_from_a_gpu_like_device(rank: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    # "meta" stands in for the GPU: a flag made on the run's device could not travel over
+    # gloo, and on a GPU its read would wait for the whole previous micro-step
+    stop = StopRequest(torch.device("meta"), world=2)
+    said = [stop.agreed()]  # asks the ranks
+    if rank == 1:
+        stop.signal = "SIGTERM"
+    said.append(stop.agreed())  # reads the first answer (no signal yet), asks again
+    said.append(stop.agreed())  # reads the second
+    stop.settle()
+    Path(root, f"rank{rank}.json").write_text(json.dumps(said))
+    torch.distributed.destroy_process_group()
+
+
+def test_the_ranks_of_a_gpu_run_agree_on_a_stop_over_the_cpu(tmp_path):
+    from dst_train.engine.trainer import free_port
+
+    args = (int(free_port()), str(tmp_path))
+    torch.multiprocessing.spawn(_agree_from_a_gpu_like_device, args=args, nprocs=2)
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert said == [[None, None, "a signal on another rank"], [None, None, "SIGTERM"]]

@@ -570,21 +570,109 @@ def test_which_out_of_memory_errors_the_safety_net_replays(world, zero, phase, r
         assert rebuilt == []
 
 
-class _FolderEngine:
-    """Stands in for the DeepSpeed engine's save (one file per tag): what keep-last sees."""
-
-    def save_checkpoint(self, ckpt_dir, tag, save_latest):
-        (Path(ckpt_dir) / tag).mkdir(parents=True)
-        (Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"")
-
-
 @pytest.mark.parametrize("keep", [1, 2, 0])
 def test_keep_last_leaves_the_newest_complete_checkpoints(tmp_path, keep):
     from dst_train.engine import checkpoint
+    from tests.engine.helpers import FolderEngine
 
     ckpt = tmp_path / "checkpoints"
     for step in range(1, 6):
-        checkpoint.save(_FolderEngine(), ckpt, step, {"step": step}, "", keep, 0, lambda: None)
+        checkpoint.save(FolderEngine(), ckpt, step, {"step": step}, "", keep, 0, lambda: None)
         assert checkpoint.latest_tag(ckpt) == checkpoint.tag_of(step)
     want = [checkpoint.tag_of(s) for s in range(1, 6)][-keep if keep else 0 :]
     assert checkpoint.complete_tags(ckpt) == want  # 0 keeps every one
+
+
+class _CountsReads(torch.Tensor):
+    """Stands in for a tensor on the GPU: counts every read back to the host. Each read makes
+    the host wait for every kernel queued before it, and the GPU then idles while the host
+    prepares the next batch."""
+
+    reads = 0
+    READS = frozenset(
+        (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
+         torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__bool__)
+    )  # fmt: skip
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls.READS:
+            cls.reads += 1
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class _LossEngine:
+    """Stands in for the DeepSpeed engine: loss k of every micro-batch is k + 1, on the
+    "device" (tensors that count their reads)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def __call__(self, **batch):
+        from dst_train.engine.trainer import LOSSES
+
+        return {k: torch.tensor(i + 1.0).as_subclass(_CountsReads) for i, k in enumerate(LOSSES)}
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        self.steps += 1
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+
+def _two_samples(items: list) -> dict:
+    return {
+        "input_ids": torch.zeros(len(items), 3, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 0]] * len(items)),
+    }
+
+
+@pytest.mark.parametrize("micro_batches", [1, 4])
+def test_a_training_step_reads_nothing_back_from_the_device(micro_batches):
+    from dst_train.engine.trainer import LOSSES, MicroBatchRunner
+
+    engine = _LossEngine()
+    runner = MicroBatchRunner(engine, _two_samples, torch.device("cpu"), False, 2, 1, 0)
+    _CountsReads.reads = 0
+    sums = runner.run_window([[0, 1]] * micro_batches)
+    assert _CountsReads.reads == 0  # the caller reads the sums once, to log them
+    assert engine.steps == micro_batches
+    losses = [micro_batches * (i + 1.0) for i in range(len(LOSSES))]
+    tokens, samples = 4 * micro_batches, 2 * micro_batches
+    assert sums.as_subclass(torch.Tensor).tolist() == [*losses, tokens, samples]
+
+
+class _Batches(list):
+    """A val loader of ``n`` batches (what ``evaluate`` needs of one)."""
+
+    batch_sampler = SimpleNamespace(set_epoch=lambda epoch: None)
+
+
+def _val_reads(rank: int, port: int, root: str) -> None:
+    from dst_train.engine.trainer import evaluate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=1)
+    got = {}
+    for n in (1, 5):
+        _CountsReads.reads = 0
+        val = evaluate(_LossEngine(), _Batches([_two_samples([0])] * n), torch.device("cpu"))
+        got[n] = (_CountsReads.reads, val)
+    Path(root, "reads.json").write_text(json.dumps(got))
+    torch.distributed.destroy_process_group()
+
+
+def test_the_val_loss_reads_back_from_the_device_once_however_many_batches(tmp_path):
+    from dst_train.engine.trainer import LOSSES, free_port
+
+    torch.multiprocessing.spawn(_val_reads, args=(int(free_port()), str(tmp_path)), nprocs=1)
+    got = json.loads((tmp_path / "reads.json").read_text())
+    assert got["1"][0] == got["5"][0]  # at the end of the pass, not per batch
+    for n in ("1", "5"):
+        assert got[n][1] == {f"val_{k}": i + 1.0 for i, k in enumerate(LOSSES)}
