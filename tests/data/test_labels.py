@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from dst_train.data.dst_tree import load_dst_tsv
@@ -112,6 +114,46 @@ def test_a_transition_at_exactly_the_clip_start_is_the_first_frames_update(tmp_p
     assert set(labels.initial_state.values()) == {"not_started"}
     assert labels.update == [1, 0, 1, 0, 0, 0]  # starts in frame 2, completes in frame 4 (2.2 s)
     assert labels.dst_updates[2] == "1=in_progress; 1.1=in_progress; 1.1.1=in_progress"
+
+
+def _clip_at_3_fps(start: int, end: int):
+    return parse_clip(
+        {
+            "dataset": "d",
+            "video_uid": "v",
+            "clip_idx": start // 5,
+            "frames_file": "frames/v.arrow",
+            "start_frame_idx": start,
+            "end_frame_idx": end,
+            "fps": 3,
+            "conversation": [
+                {"role": "system", "content": "sys"},
+                {"role": "frames", "start": start, "end": end},
+            ],
+        },
+        f"test:{start}",
+    )
+
+
+@pytest.mark.parametrize(
+    "begins, first_clip, second_clip",
+    [
+        (5 / 3, [0, 0, 0, 0, 0], [1, 0, 0, 0, 1]),  # the second clip's start: its first frame
+        # a hair before: the first clip's last frame, though time x fps rounds up to frame 5
+        (math.nextafter(5 / 3, 0), [0, 0, 0, 0, 1], [0, 0, 0, 0, 1]),
+    ],
+)
+def test_a_transition_belongs_to_the_clip_whose_time_span_holds_it(
+    tmp_path, begins, first_clip, second_clip
+):
+    """Clips [0, 5) and [5, 10) of one video at 3 fps (frame f covers [f/3, (f+1)/3) s): each
+    transition is an update of exactly one clip, the one whose [start, end) seconds hold it."""
+    assert int(math.nextafter(5 / 3, 0) * 3) == 5  # the rounding the clamp is there for
+    rows = [("STEP", "1", "", "", "s"), ("SUBSTEP", "1.1", "", "", "u")]
+    rows.append(("ACTION", "1.1.1", repr(begins), 3.1, "a"))  # completes in frame 9
+    tree = load_dst_tsv(write_tsv(tmp_path / "v.tsv", rows))
+    assert build_clip_labels(_clip_at_3_fps(0, 5), tree).update == first_clip
+    assert build_clip_labels(_clip_at_3_fps(5, 10), tree).update == second_clip
 
 
 @pytest.mark.parametrize(

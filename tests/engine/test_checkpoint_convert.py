@@ -87,3 +87,18 @@ def test_a_convert_killed_midway_leaves_the_old_folder_and_a_rerun_completes(
     assert report["out"] == str(out) and not (out.parent / "hf.partial").exists()
     assert not (out.parent / "hf.old").exists()
     assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]  # bf16 now
+
+    # weights the model does not have (another model's checkpoint, a renamed layer) are refused,
+    # not left out of a model that loads
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+    import torch
+
+    consolidate = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint
+    monkeypatch.setattr(
+        zero_to_fp32,
+        "get_fp32_state_dict_from_zero_checkpoint",
+        lambda *a, **kw: {**consolidate(*a, **kw), "speak_head.extra": torch.zeros(2)},
+    )
+    with pytest.raises(ValueError, match=r"does not match the model .*unexpected \['speak_head"):
+        conv.convert(run, tmp_path / "other")
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()

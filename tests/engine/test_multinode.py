@@ -23,6 +23,7 @@ from dst_train.engine import checkpoint
 from tests.engine.helpers import (
     DEMO_YAML,
     REPO,
+    FolderEngine,
     base_overrides,
     final_state,
     free_port,
@@ -326,3 +327,35 @@ def test_processes_agree_on_the_checkpoint_to_resume(tmp_path):
         g.startswith("mismatch: no checkpoint is complete for every process") for g in got[3]
     )
     assert "rank 1 on " in got[3][0] and ": none in " in got[3][0]
+
+
+def _save_after_a_crash_between_nodes(rank: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    ckpt = Path(root) / f"node{rank}" / "checkpoints"  # node-local: each node writes its own
+    folder = ckpt / checkpoint.tag_of(2)
+    if rank == 0:  # step 2's save finished on this node only, then the run crashed
+        folder.mkdir(parents=True)
+        (folder / "from_the_crashed_run").write_text("")
+        (folder / checkpoint.COMPLETE).write_text("")
+    for attempt in ("resumed", "again"):  # the resumed run saves step 2; then the same again
+        checkpoint.save(
+            FolderEngine(), ckpt, 2, {"step": 2}, "", 0, rank, torch.distributed.barrier, True
+        )
+        left = sorted(p.name for p in folder.iterdir())
+        Path(root, f"{attempt}-rank{rank}.json").write_text(json.dumps(left))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_checkpoint_complete_on_one_node_only_is_saved_again_on_every_node(tmp_path):
+    args = (int(free_port()), str(tmp_path))
+    torch.multiprocessing.spawn(_save_after_a_crash_between_nodes, args=args, nprocs=2)
+    saved = ["COMPLETE", "config.yaml", "mp_rank_00_model_states.pt", "ranks.json", "rng_rank{}.pt",
+             "trainer.json"]  # fmt: skip
+    for rank in (0, 1):
+        want = sorted(name.format(rank) for name in saved)
+        for attempt in ("resumed", "again"):  # saved whole once; a complete save is kept as is
+            got = json.loads((tmp_path / f"{attempt}-rank{rank}.json").read_text())
+            assert got == want, (attempt, rank)
+        latest = tmp_path / f"node{rank}" / "checkpoints" / checkpoint.LATEST
+        assert latest.read_text() == checkpoint.tag_of(2)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -85,6 +87,23 @@ def test_long_clip_splits_at_boundaries_with_refreshed_state(parts):
     # labelled turns survive whole: same number of response/DST tokens overall
     for kind in (RESPONSE, DST):
         assert sum(c.target_kind.count(kind) for c in chunks) == full.target_kind.count(kind)
+
+
+def test_a_clip_that_fits_max_seq_len_exactly_is_one_sample(parts):
+    tok, labels, tree = parts
+    full = _builder(tok).build(labels, tree)[0]
+    (exact,) = _builder(tok, max_len=len(full)).build(labels, tree)
+    assert exact.input_ids == full.input_ids
+    chunks = _builder(tok, max_len=len(full) - 1).build(labels, tree)
+    assert len(chunks) == 2
+
+
+def test_a_clip_without_frames_makes_no_sample(parts):
+    # nothing to decide and nothing to see: its turns alone would train the LM blind
+    tok, labels, tree = parts
+    blind = dataclasses.replace(labels, segments=[s for s in labels.segments if s.kind != "frames"])
+    assert any(s.kind == "assistant" for s in blind.segments)
+    assert _builder(tok).build(blind, tree) == []
 
 
 def test_turn_too_long_is_a_clear_error(parts):
