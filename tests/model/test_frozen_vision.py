@@ -107,3 +107,37 @@ def test_a_frozen_qwen_tower_saves_nothing_while_its_merger_trains(tiny_qwen_dir
         whole = _saved_bytes(lambda: model.frame_embeddings(pixel_values=pixels))  # noqa: B023
         merger = _saved_bytes(lambda: model.backbone.project_frames(features))  # noqa: B023
         assert whole == merger, (checkpointing, whole, merger)
+
+
+def _tiny(tiny_model_dir, **kw):
+    torch.manual_seed(0)
+    mcfg = ModelConfig(arch=str(tiny_model_dir), **kw)
+    return build_model(mcfg, HeadConfig(tokens_per_frame=1), Precision("fp32", "sdpa"))
+
+
+def test_a_tower_trained_in_part_gets_gradients_there(tiny_model_dir):
+    # autograd runs through the tower when any of its weights trains, not only when all do
+    model = _tiny(tiny_model_dir, freeze_vision=True)
+    last = model.backbone.hf.model.vision_model.encoder.layers[-1]
+    last.requires_grad_(True)  # the last layer unfrozen by hand
+    size = model.backbone.hf.config.vision_config.image_size
+    model.frame_embeddings(pixel_values=torch.randn(2, 3, size, size)).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in last.parameters())
+
+
+def test_a_partitioned_tower_takes_every_frame_in_one_call(tiny_model_dir, monkeypatch):
+    """Under ZeRO-3 each tower call gathers its weights on every rank (a collective): chunking
+    by ``vision_chunk_frames`` would make the number of calls depend on this rank's frames."""
+    model = _tiny(tiny_model_dir, vision_chunk_frames=2)
+    backbone = model.backbone
+    size = backbone.hf.config.vision_config.image_size
+    calls = []
+    real = backbone._features
+    monkeypatch.setattr(backbone, "_features", lambda x: calls.append(len(x)) or real(x))
+    backbone.frame_features(torch.randn(5, 3, size, size))
+    assert calls == [2, 2, 1]  # chunks of vision_chunk_frames
+    calls.clear()
+    first = next(backbone.module_groups()["vision"].parameters())
+    monkeypatch.setattr(first, "ds_id", 0, raising=False)  # how ZeRO-3 marks its parameters
+    backbone.frame_features(torch.randn(5, 3, size, size))
+    assert calls == [5]
