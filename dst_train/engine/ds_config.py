@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# set by the run (its micro-batch, accumulation and GPU count); a template may only say "auto"
+# or the same number
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
 def resolve_template_path(path: str) -> Path:
@@ -41,8 +44,10 @@ def build_ds_config(
     on_gpu: bool,
     deepspeed_adam: bool = False,
 ) -> dict:
+    name = "the DeepSpeed config"
     if isinstance(template, str):
-        template = json.loads(resolve_template_path(template).read_text())
+        path = resolve_template_path(template)
+        name, template = str(path), json.loads(path.read_text())
     cfg = copy.deepcopy(template)
     fill = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -54,6 +59,13 @@ def build_ds_config(
     for key, value in fill.items():
         if cfg.get(key, "auto") == "auto":
             cfg[key] = value
+        elif key in BATCH_KEYS and cfg[key] != value:
+            # DeepSpeed would count and scale by its number while the loader feeds the run's
+            raise ValueError(
+                f"{name} sets {key} = {cfg[key]!r}, but this run's is {value} (from "
+                "train.micro_batch_size or the tuned config, the accumulation and the GPU "
+                'count): write "auto" there; the run config decides the batch'
+            )
     cfg.setdefault("fp16", {})
     cfg.setdefault("bf16", {})
     cfg["fp16"]["enabled"] = dtype == "fp16"

@@ -55,6 +55,16 @@ def test_shipped_ds_configs_resolve(name):
     assert cpu["bf16"]["enabled"] and cpu["optimizer"]["params"]["torch_adam"] is True
 
 
+def test_a_templates_own_values_are_kept_and_a_batch_that_differs_is_an_error():
+    template = {"gradient_clipping": 0.3, "optimizer": {"params": {"lr": 5e-5}}}
+    cfg = build_ds_config(template, dtype="fp32", on_gpu=False, **KW)
+    assert cfg["gradient_clipping"] == 0.3 and cfg["optimizer"]["params"]["lr"] == 5e-5
+    same = build_ds_config({"train_batch_size": 24}, dtype="fp32", on_gpu=False, **KW)
+    assert same["train_batch_size"] == 24
+    with pytest.raises(ValueError, match=r"sets train_micro_batch_size_per_gpu = 8, but this run"):
+        build_ds_config({"train_micro_batch_size_per_gpu": 8}, dtype="fp32", on_gpu=False, **KW)
+
+
 def test_unresolved_auto_is_an_error():
     with pytest.raises(ValueError, match="unresolved 'auto'"):
         build_ds_config({"mystery": "auto"}, dtype="fp32", on_gpu=False, **KW)

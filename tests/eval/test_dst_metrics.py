@@ -116,6 +116,11 @@ def test_tolerance_uses_each_videos_fps():
     assert dst_scores([near])["update_recall"] == 0.0
     assert dst_scores([fast])["update_recall"] == 1.0
 
+    # the tolerance in frames is rounded, not truncated: 0.8 s at 2 fps is 2 frames (1.6)
+    apart = _video(states, states, [10], [12], fps=2.0)
+    assert dst_scores([apart], tolerance_s=0.8)["update_recall"] == 1.0
+    assert dst_scores([apart], tolerance_s=0.7)["update_recall"] == 0.0  # 1.4: 1 frame
+
 
 def test_undefined_values_are_none_not_zero():
     states = [{"1": NS}] * 5

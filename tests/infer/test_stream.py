@@ -304,3 +304,74 @@ def test_a_probability_equal_to_the_threshold_does_not_fire_and_times_are_second
     assert all(t.response or t.dst_text for t in below[:3])
     fps = labels.clip.fps
     assert [t.time for t in at] == [t.frame / fps for t in at] and at[-1].frame > fps
+
+
+@pytest.mark.parametrize("with_tree", [False, True])
+def test_a_frame_adds_at_most_its_budget_and_a_reply_that_runs_to_the_limit_adds_all(
+    setup, monkeypatch, with_tree
+):
+    """The refresh rule trusts ``_frame_budget``: the most tokens one frame can add. A frame's
+    growth must never pass it, and a reply decoded to ``max_new_tokens`` (its end token and
+    separator then closing it) must reach it exactly when no DST turn is possible."""
+    from dst_train.infer.stream import StreamingAssistant
+
+    grown = []  # (tokens the frame added, its budget), frames that did not refresh
+    step = StreamingAssistant._step
+
+    def watched(self, cache, live):
+        before = {r: (cache.length(r), self._frame_budget(row, len(self._user_ids(row))))
+                  for r, row in live.items()}  # fmt: skip
+        step(self, cache, live)
+        for r, row in live.items():
+            if not row.traces[-1].refreshed:
+                grown.append((cache.length(r) - before[r][0], before[r][1]))
+
+    monkeypatch.setattr(StreamingAssistant, "_step", watched)
+    *_, labels, tree, frames = setup
+    assistant = _assistant(setup, speak_threshold=-1.0, update_threshold=-1.0, max_new_tokens=2)
+    assistant.run(labels, tree if with_tree else None, frames)
+    assert len(grown) > 10 and all(g <= budget for g, budget in grown), grown
+    if not with_tree:  # the seeded random model runs some replies to the limit
+        assert any(g == budget for g, budget in grown), grown
+
+
+def _frames_seen(monkeypatch) -> list:
+    """Per streamed frame that did not refresh: (context length before it, its budget, tokens
+    it added)."""
+    from dst_train.infer.stream import StreamingAssistant
+
+    seen = []
+    step = StreamingAssistant._step
+
+    def watched(self, cache, live):
+        (r, row), = live.items()  # fmt: skip
+        before = cache.length(r), self._frame_budget(row, len(self._user_ids(row)))
+        step(self, cache, live)
+        if not row.traces[-1].refreshed:
+            seen.append((*before, cache.length(r) - before[0]))
+
+    monkeypatch.setattr(StreamingAssistant, "_step", watched)
+    return seen
+
+
+def test_the_context_may_fill_to_exactly_max_context(setup, monkeypatch):
+    """A frame whose worst case would end exactly at ``max_context`` runs without a refresh:
+    the limit is the most the context holds, not one more than it."""
+    *_, labels, _tree, frames = setup
+    seen = _frames_seen(monkeypatch)
+    _assistant(setup, speak_threshold=-1.0, max_new_tokens=2).run(labels, None, frames)
+    # a frame that used its whole budget, every earlier frame's worst case ending before its
+    ends = [length + budget for length, budget, _ in seen]
+    f = next(
+        i
+        for i, (length, budget, added) in enumerate(seen)
+        if added == budget and all(e < ends[i] for e in ends[:i])
+    )
+    limit = ends[f]
+    seen.clear()
+    traces = _assistant(setup, speak_threshold=-1.0, max_new_tokens=2, max_context=limit).run(
+        labels, None, frames
+    )
+    assert not traces[f + 1].refreshed  # seen[f] is the frame after the first one
+    assert seen[f][0] + seen[f][2] == limit  # filled to the limit exactly
+    assert max(length + added for length, _, added in seen) == limit
