@@ -207,3 +207,21 @@ def test_resume_names_the_trace_file_and_line_it_cannot_read(tmp_path):
         path.write_text(json.dumps(good) + "\n" + bad + "\n")
         with pytest.raises(StaleTraces, match=rf"{path}:2: not a trace record .*--resume"):
             finished_traces(tmp_path, {"split": "test"}, [SimpleNamespace(clip=clip)])
+
+
+def test_the_decoding_limit_is_a_quarter_longer_than_the_longest_reference_turn(
+    demo_root, tiny_model_dir
+):
+    from dst_train.data.dataset import load_split
+    from dst_train.eval.evaluate import auto_max_new_tokens
+    from dst_train.model.backbone import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    labels = load_split(demo_root, "test")
+    texts = [t for lb in labels for ts in lb.responses.values() for t in ts]
+    texts += [t for lb in labels for t in lb.dst_updates.values()]  # DST turns count too
+    longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert longest >= 10  # long enough for a quarter to be tokens
+    limit = auto_max_new_tokens(tok, labels)
+    assert 1.25 * longest <= limit <= 1.25 * longest + 2
+    assert auto_max_new_tokens(tok, []) >= 1.25 * 48  # no reference turn: 48 tokens, + 1/4
