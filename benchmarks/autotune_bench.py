@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import table, write_result  # noqa: E402
-from dst_train.engine.trainer import finish_distributed  # noqa: E402
+from dst_train.engine.trainer import exit_with_result  # noqa: E402
 
 GiB = 2**30
 
@@ -175,9 +175,7 @@ def main() -> None:
     ap.add_argument("--stop-at", type=float, default=0.0, help=argparse.SUPPRESS)  # epoch s
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args)), flush=True)
-        finish_distributed()
-        return
+        exit_with_result(child(args))
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             overrides = smoke_overrides(Path(tmp))

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.autotune_bench import gpu_overrides, smoke_overrides  # noqa: E402
 from benchmarks.common import table, write_result  # noqa: E402
-from dst_train.engine.trainer import finish_distributed  # noqa: E402
+from dst_train.engine.trainer import exit_with_result  # noqa: E402
 from dst_train.model.info import step_flops  # noqa: E402
 
 GiB = 2**30
@@ -421,9 +421,7 @@ def main() -> None:
             "hf_worst": lambda: run_hf(args, args.micro_batch, 24, worst_only=True),
             "ours_probe": lambda: probe_ours_once(args, args.micro_batch),
         }
-        print("RESULT " + json.dumps(work[args.child]()), flush=True)
-        finish_distributed()
-        return
+        exit_with_result(work[args.child]())
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             overrides = smoke_overrides(Path(tmp), videos=12)
