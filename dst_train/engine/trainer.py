@@ -87,17 +87,24 @@ def finish_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def exit_with_result(result: dict) -> None:
-    """The end of a child process whose parent reads one ``RESULT {json}`` line of its stdout (the
-    benchmarks' fresh-process probes): the line, flushed, then ``os._exit(0)``. Nothing is left
-    to do, and the interpreter's teardown is skipped: in it, a thread the libraries left running
-    now and then aborted the process, the process group destroyed before or not ("terminate
-    called without an active exception": a C++ thread never joined; exit -6), after the result
-    was out: 3 times in about 90 throughput probes on the 2-core development machine, once
-    inside the full suite."""
+def write_result_line(result: dict) -> None:
+    """``RESULT {json}`` on stdout for a parent process to read, in one write(2) after a newline:
+    processes sharing the pipe (ranks) cannot cut it (``print`` writes the text and its newline
+    apart, and another rank's line could land between them)."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os.write(1, ("\nRESULT " + json.dumps(result) + "\n").encode())  # one write, a whole line
+    os.write(1, ("\nRESULT " + json.dumps(result) + "\n").encode())
+
+
+def exit_with_result(result: dict) -> None:
+    """The end of a child process whose parent reads one ``RESULT {json}`` line of its stdout (the
+    benchmarks' fresh-process probes): the line (:func:`write_result_line`), then
+    ``os._exit(0)``. Nothing is left to do, and the interpreter's teardown is skipped: in it, a
+    thread the libraries left running now and then aborted the process, the process group
+    destroyed before or not ("terminate called without an active exception": a C++ thread never
+    joined; exit -6), after the result was out: 3 times in about 90 throughput probes on the
+    2-core development machine, once inside the full suite."""
+    write_result_line(result)
     os._exit(0)
 
 

@@ -15,7 +15,6 @@ each rank prints one ``RESULT {json}`` line per run."""
 
 import gc
 import json
-import os
 import sys
 import weakref
 from pathlib import Path
@@ -148,7 +147,4 @@ for spec in specs:
         "global_steps": engine.global_steps,
         "losses": [r["loss"] for r in rows if r["kind"] == "train"],
     }
-    sys.stdout.flush()
-    # one write(2) of a whole line, after a newline: the ranks share the pipe, and a line
-    # written in pieces (print writes the text and its newline apart) could be cut by another's
-    os.write(1, ("\nRESULT " + json.dumps(result) + "\n").encode())
+    trainer.write_result_line(result)

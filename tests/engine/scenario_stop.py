@@ -105,7 +105,4 @@ for spec in ["reference", *specs]:
         "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("step_*")),
         "handler_restored": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
     }
-    sys.stdout.flush()
-    # one write(2) of a whole line, after a newline: the ranks share the pipe, and a line
-    # written in pieces (print writes the text and its newline apart) could be cut by another's
-    os.write(1, ("\nRESULT " + json.dumps(result) + "\n").encode())
+    trainer.write_result_line(result)
