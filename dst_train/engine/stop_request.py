@@ -43,6 +43,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 EXIT_CODE = 75
 
 
+def host_group(device: torch.device, world: int):
+    """The process group for the flags the ranks agree on (a stop, an OOM): CPU tensors, over
+    gloo. A flag on the GPU would be read (``.item()``) after every kernel queued before it: the
+    host would wait for the whole previous micro-step at every check, and the GPU would idle
+    while the host prepares the next. A GPU run's default group (NCCL) cannot carry CPU tensors,
+    so every rank makes a gloo group here (a collective: at the same point of the run on every
+    rank). None where the default group already is gloo (a CPU run) or there is one rank."""
+    if world > 1 and device.type != "cpu":
+        return torch.distributed.new_group(backend="gloo")
+    return None
+
+
 class StopRequested(Exception):  # noqa: N818 — a request, not an error
     """Raised before a micro-step or val batch when the ranks agreed to stop; ``str()`` names
     the signal."""
@@ -52,19 +64,13 @@ class StopRequest:
     """Signal handlers for the training loop (a context manager: installed on entry, the
     previous handlers restored on exit; main thread only, as Python's handlers are)."""
 
-    def __init__(self, device: torch.device, world: int = 1):
+    def __init__(self, device: torch.device, world: int = 1, group=None):
         self.device, self.world = device, world
         self.signal: str | None = None  # the first signal's name
         self._previous: dict = {}
         self._asked: _Asked | None = None  # the ranks' flags, all-reduced in the background
-        # The flags travel as CPU tensors, over gloo. A flag on the GPU would be read (.item())
-        # after every kernel queued before it: the host would wait for the whole previous
-        # micro-step at every check, and the GPU would idle while the host prepares the next.
-        # A GPU run's default group (NCCL) cannot carry CPU tensors: every rank makes a gloo
-        # group here, at the same point of the run (a collective).
-        self._group = None
-        if world > 1 and device.type != "cpu":
-            self._group = torch.distributed.new_group(backend="gloo")
+        # the flags travel as CPU tensors (host_group says why)
+        self._group = group if group is not None else host_group(device, world)
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:

@@ -24,7 +24,7 @@ from dst_train.config import RunConfig, save_config, to_dict
 from dst_train.engine import checkpoint
 from dst_train.engine.ds_config import build_ds_config, zero_stage
 from dst_train.engine.metrics import MetricsLogger
-from dst_train.engine.stop_request import StopRequest, StopRequested
+from dst_train.engine.stop_request import StopRequest, StopRequested, host_group
 
 
 class TrainingStopped(RuntimeError):
@@ -374,7 +374,8 @@ def fit(cfg: RunConfig) -> dict:
             engine, ckpt_dir, step, state, config_text, keep, rank, barrier, writer
         )
 
-    stop = StopRequest(device, world)  # its handlers are installed for the loop only
+    flags = host_group(device, world)  # the stop and OOM flags travel over the CPU
+    stop = StopRequest(device, world, flags)  # its handlers are installed for the loop only
 
     def val_loss(engine) -> dict:  # every rank; a signal cuts it short (StopRequested)
         return evaluate(engine, s["val_loader"], device, cfg.train.eval_batches, stop)
@@ -413,6 +414,7 @@ def fit(cfg: RunConfig) -> dict:
         scratch=out_dir / OOM_SCRATCH,
         zero_stage=zero_stage(s["ds_config"]),
         stop=stop,
+        flags=flags,
     )
     del engine  # the safety net may replace it: always use oom_net.engine from here on
     oom_net.engine.train()
@@ -532,6 +534,7 @@ class MicroBatchRunner:
         scratch: Path | None = None,
         zero_stage: int = 2,
         stop: StopRequest | None = None,
+        flags=None,
     ):
         self.engine, self.collate, self.device = engine, collate, device
         self.stop = stop
@@ -539,6 +542,9 @@ class MicroBatchRunner:
         self.rank, self.world, self.zero_stage = rank, world, zero_stage
         self.rebuild, self.scratch = rebuild, scratch
         self.agree = oom_retry and world > 1 and zero_stage < 3
+        # the group the OOM flag travels in, as a CPU tensor: stop_request.host_group (None:
+        # the default group, which must then be gloo)
+        self.flags = flags
         self.chunk = micro  # samples per engine micro-step
         self.phase = "forward"
 
@@ -603,8 +609,8 @@ class MicroBatchRunner:
                 raise
             out, batch, failed = None, None, True
         if self.agree:
-            flag = torch.tensor([float(failed)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            flag = torch.tensor([float(failed)])  # on the host: no wait for the forward's kernels
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.flags)
             if flag.item():
                 raise torch.OutOfMemoryError(
                     "CUDA out of memory in this micro-batch's forward on "

@@ -686,3 +686,67 @@ def test_the_val_loss_reads_back_from_the_device_once_however_many_batches(tmp_p
     assert got["1"][0] == got["5"][0]  # at the end of the pass, not per batch
     for n in ("1", "5"):
         assert got[n][1] == {f"val_{k}": i + 1.0 for i, k in enumerate(LOSSES)}
+
+
+class _OomOnceEngine(_LossEngine):
+    """A stand-in engine on the "meta" device (the GPU's stand-in: nothing on it can be read or
+    sent over gloo) whose first forward runs out of memory when ``oom``; it can be rebuilt the
+    way the safety net rebuilds DeepSpeed's."""
+
+    def __init__(self, oom: bool):
+        super().__init__()
+        self.oom, self.module = oom, torch.nn.Linear(1, 1)
+
+    def __call__(self, **batch):
+        from dst_train.engine.trainer import LOSSES
+
+        if self.oom:
+            self.oom = False
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return {k: torch.tensor(i + 1.0, device="meta") for i, k in enumerate(LOSSES)}
+
+    def save_checkpoint(self, *args, **kwargs):
+        pass
+
+    def load_checkpoint(self, *args, **kwargs):
+        pass
+
+    def destroy(self):
+        pass
+
+
+def _agree_on_an_oom(rank: int, port: int, root: str) -> None:
+    from dst_train.engine.stop_request import host_group
+    from dst_train.engine.trainer import MicroBatchRunner
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    built = []
+
+    def rebuild(micro, accum):
+        built.append((micro, accum))
+        return _OomOnceEngine(oom=False)
+
+    meta = torch.device("meta")
+    engine = _OomOnceEngine(oom=rank == 1)
+    scratch = Path(root, "scratch")
+    runner = MicroBatchRunner(engine, _two_samples, meta, True, 2, 1, rank, 2, rebuild, scratch)
+    runner.flags = host_group(meta, 2)  # as fit() hands it over
+    sums = runner.run_window([[0, 1]])  # rank 1 runs out in the forward; rank 0 does not
+    said = {"built": built, "micro": runner.current_micro, "steps": runner.engine.steps}
+    said["sums_on"] = str(sums.device)
+    Path(root, f"rank{rank}.json").write_text(json.dumps(said))
+    torch.distributed.destroy_process_group()
+
+
+def test_the_ranks_of_a_gpu_run_agree_on_an_oom_over_the_cpu(tmp_path):
+    # The flag the ranks all-reduce after each forward (train.oom_retry) is a CPU tensor, sent
+    # over gloo: one on the GPU would be read after every kernel queued before it, so the host
+    # would wait for every forward. "meta" stands in for the GPU, as in test_stop_signal.py.
+    from dst_train.engine.trainer import free_port
+
+    args = (int(free_port()), str(tmp_path))
+    torch.multiprocessing.spawn(_agree_on_an_oom, args=args, nprocs=2)
+    for r in (0, 1):  # both halved the micro-batch and replayed the step in 2 micro-steps
+        said = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert said == {"built": [[1, 2]], "micro": 1, "steps": 2, "sums_on": "meta"}
