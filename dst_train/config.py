@@ -36,7 +36,7 @@ class DataConfig:
         1.0  # fraction of silent/unchanged frames whose decision loss counts
     )
     feature_cache: str = ""  # folder of cached pooled vision features ("" = run the vision tower)
-    num_workers: int = 0  # DataLoader workers per rank
+    num_workers: int = 0  # DataLoader workers per rank (train and val-loss loaders)
 
 
 @dataclass

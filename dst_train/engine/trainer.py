@@ -148,8 +148,6 @@ def make_engine(s: dict, cfg: RunConfig, micro: int, grad_accum: int):
 def prepare(cfg: RunConfig):
     """Distributed init, resolved DeepSpeed config, model, datasets and loaders — everything but
     the engine (a benchmark hands the same pieces to another training stack)."""
-    from torch.utils.data import DataLoader
-
     from dst_train.data.collate import LengthGroupedSampler, make_collate
     from dst_train.data.pipeline import make_dataset
     from dst_train.model.backbone import load_image_processor, load_tokenizer
@@ -186,7 +184,7 @@ def prepare(cfg: RunConfig):
     sampler = LengthGroupedSampler(train_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
     loader = sample_loader(train_ds, sampler, cfg.data.num_workers)
     val_sampler = LengthGroupedSampler(val_ds.lengths(), t.micro_batch_size, world, rank, cfg.seed)
-    val_loader = DataLoader(val_ds, batch_sampler=val_sampler, collate_fn=collate)
+    val = val_loader(val_ds, val_sampler, collate, cfg.data.num_workers)
     return {
         "rank": rank,
         "world": world,
@@ -198,7 +196,7 @@ def prepare(cfg: RunConfig):
         "train_ds": train_ds,
         "sampler": sampler,
         "loader": loader,
-        "val_loader": val_loader,
+        "val_loader": val,
         "hf_ds": hf_ds,
         "tokenizer": tokenizer,
         "processor": processor,
@@ -331,6 +329,22 @@ def sample_loader(dataset, sampler, num_workers: int) -> torch.utils.data.DataLo
         num_workers=num_workers,
         prefetch_factor=max(2, -(-2 * sampler.batch_size // num_workers)) if num_workers else None,
         generator=torch.Generator(),
+        worker_init_fn=loader_worker_init,
+    )
+
+
+def val_loader(dataset, sampler, collate, num_workers: int) -> torch.utils.data.DataLoader:
+    """The val-loss loader: ``sampler``'s batches (``LengthGroupedSampler``), collated in the
+    workers, which leave the stop signals to their rank as the train loader's do."""
+    from torch.utils.data import DataLoader
+
+    from dst_train.engine.stop_request import loader_worker_init
+
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
         worker_init_fn=loader_worker_init,
     )
 

@@ -403,7 +403,7 @@ def test_loader_workers_give_the_same_batches_across_epochs_and_resumes(
         "data.negative_frame_keep=0.5", "train.micro_batch_size=2",
     )  # fmt: skip
     s = prepare(cfg)
-    assert s["loader"].num_workers == 2
+    assert s["loader"].num_workers == s["val_loader"].num_workers == 2
     per_epoch = len(s["sampler"])
     assert per_epoch >= 2
     workers = _take(batches_forever(s["loader"], s["sampler"], 0, 0), 2 * per_epoch)
@@ -450,6 +450,37 @@ def test_a_micro_batch_is_read_by_several_workers():
     assert [[i for i, _ in items] for _, _, items in got] == sampler.batches()
     assert [(e, i) for e, i, _ in got] == [(0, 0), (0, 1), (0, 2)]
     assert all(len({w for _, w in items}) == 2 for _, _, items in got)
+
+
+class _SignalsSeen(torch.utils.data.Dataset):
+    """Items say which loader worker read them and whether it had the stop signals blocked."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import signal
+
+        info = torch.utils.data.get_worker_info()
+        blocked = signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        time.sleep(0.05)  # a frame decode's worth: every worker gets work before any runs dry
+        return torch.tensor([i, info.id if info else -1, int(blocked)])
+
+
+def test_the_val_loader_reads_in_the_workers_and_they_leave_the_stop_signals_to_their_rank():
+    """data.num_workers serves the val pass too (it read every frame in the training process),
+    and its workers, like the train loader's, leave SIGTERM/SIGUSR1 to their rank: one killed by
+    a scheduler's signal during a val pass made the rank fail before it could save."""
+    from dst_train.data.collate import LengthGroupedSampler
+    from dst_train.engine.trainer import val_loader
+
+    sampler = LengthGroupedSampler([5] * 8, batch_size=2, seed=3)
+    loader = val_loader(_SignalsSeen(), sampler, torch.stack, num_workers=2)
+    loader.batch_sampler.set_epoch(0)
+    got = [batch.tolist() for batch in loader]
+    assert [[i for i, _, _ in b] for b in got] == sampler.batches()  # in the sampler's order
+    assert {w for b in got for _, w, _ in b} == {0, 1}  # read by both workers
+    assert all(blocked for b in got for _, _, blocked in b)
 
 
 def test_val_loss_is_the_mean_over_the_batches_evaluated(
