@@ -234,6 +234,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dst_train.data.sequence import SequenceTooLong
     from dst_train.eval.evaluate import StaleTraces, evaluate, inference_device
     from dst_train.eval.mpnet import EmbeddingModelError
+    from dst_train.eval.ranks import Ranks
     from dst_train.eval.report import table
     from dst_train.infer.stream import ContextTooSmall
 
@@ -246,23 +247,25 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"error: --device {args.device}: {e}", file=sys.stderr)
         return 2
     try:
-        report = evaluate(
-            args.model_dir,
-            args.data,
-            split=args.split,
-            out=args.out,
-            baseline=args.baseline,
-            embedding_model=args.embedding_model,
-            max_context=args.max_context,
-            max_new_tokens=args.max_new_tokens,
-            max_clips=args.max_clips,
-            baseline_clips=args.baseline_clips,
-            stream_batch=args.stream_batch,
-            device=args.device,
-            dtype=args.dtype,
-            resume=args.resume,
-            keep_zero_cost=args.keep_zero_cost_edges,
-        )
+        with Ranks.from_launcher() as ranks:  # one process, or one per GPU (torchrun, deepspeed)
+            report = evaluate(
+                args.model_dir,
+                args.data,
+                split=args.split,
+                out=args.out,
+                baseline=args.baseline,
+                embedding_model=args.embedding_model,
+                max_context=args.max_context,
+                max_new_tokens=args.max_new_tokens,
+                max_clips=args.max_clips,
+                baseline_clips=args.baseline_clips,
+                stream_batch=args.stream_batch,
+                device=args.device,
+                dtype=args.dtype,
+                resume=args.resume,
+                keep_zero_cost=args.keep_zero_cost_edges,
+                ranks=ranks,
+            )
     except (
         FileNotFoundError,
         DataFormatError,
@@ -274,6 +277,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     ) as e:  # names the file (or the clip)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if report is None:  # not rank 0: that one prints
+        return 0
     print(table(report))
     print(f"\nreport: {Path(args.out or Path(args.model_dir).parent / 'eval') / 'report.json'}")
     return 0
@@ -429,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="streaming inference + ProAssist/DST metrics")
     p.add_argument("model_dir", help="converted model folder (dst-train convert)")
+    _add_local_rank(p)  # several GPUs: one process each, launched by deepspeed or torchrun
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--split", default="test")
     p.add_argument("--out", help="report folder (default: MODEL_DIR/../eval)")

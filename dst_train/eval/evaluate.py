@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from dst_train.atomic_io import write_text_atomic
 from dst_train.eval.dst_metrics import dst_scores
+from dst_train.eval.ranks import Ranks
 from dst_train.eval.report import REPORT_KEYS
 from dst_train.eval.score import VideoTurns, score_videos, write_score_file
 from dst_train.eval.speaking import SentenceSimilarity
@@ -32,10 +33,13 @@ THRESHOLDS = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
 CPU = torch.device("cpu")
 
 
-def inference_device(device: str = "auto") -> torch.device:
-    """``auto`` = the first GPU when one is visible, else the CPU."""
+def inference_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` = this process's GPU (the first, or the ``local_rank``-th when a launcher started
+    one process per GPU) when one is visible, else the CPU; ``cuda`` = this process's GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
     dev = torch.device(device)  # raises RuntimeError on a malformed name
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: no CUDA GPU is visible")
@@ -73,14 +77,17 @@ def load_models(
 
 @torch.no_grad()
 def frame_probabilities(
-    model, dataset, collate, device: torch.device = CPU
+    model, dataset, collate, device: torch.device = CPU, ranks: Ranks | None = None
 ) -> dict[str, np.ndarray]:
     """Teacher-forced speak/update probabilities and labels of every frame of ``dataset``; the
     update label is -1 on the frames of a video without DST annotation (the batch's 0 there
-    only fills a slot that has no loss weight)."""
+    only fills a slot that has no loss weight). With several ``ranks`` each scores its share of
+    the samples and every rank gets all frames (in another order: what is read of them, the
+    thresholds' counts, does not depend on it)."""
+    ranks = ranks or Ranks()
     model.eval()
     out = {"speak_p": [], "update_p": [], "speak": [], "update": []}
-    for i in range(len(dataset)):
+    for i in ranks.share(list(range(len(dataset)))):
         item = dataset[i]
         batch = collate([item])
         res = model(**{k: v.to(device) for k, v in batch.items()})
@@ -88,6 +95,7 @@ def frame_probabilities(
             out[f"{head}_p"].append(torch.sigmoid(res[f"{head}_logits"].float()).cpu().numpy())
         out["speak"].append(batch["speak"].numpy())
         out["update"].append(np.array(item["sample"].update, dtype=np.int64))
+    out = {k: [a for part in ranks.gather(v) for a in part] for k, v in out.items()}
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
@@ -186,21 +194,27 @@ def run_split(
     device: torch.device = CPU,
     settings: dict | None = None,
     resume: bool = False,
-) -> list[dict]:
+    ranks: Ranks | None = None,
+) -> tuple[list[dict], list[int]]:
     """Stream every clip of ``labels_list`` (``stream_batch`` at once) and write each trace to
     ``trace_dir/<video>_<clip>.jsonl`` as its clip finishes, next to ``settings.json`` (what the
     traces depend on). With ``resume``, clips whose trace an earlier run with the same settings
-    wrote are read back instead of streamed."""
+    wrote are read back instead of streamed. With several ``ranks`` each streams its share of
+    the clips and every rank gets every clip's traces. Returns (one dict per clip: labels, tree,
+    traces; the clips each rank streamed)."""
     from dst_train.infer.stream import StreamingAssistant, StreamJob
 
+    ranks = ranks or Ranks()
     settings = settings or {}
     done_before = finished_traces(trace_dir, settings, labels_list) if resume and trace_dir else {}
-    if trace_dir is not None:
+    ranks.barrier()  # every rank has read what it resumes from before the folder is rewritten
+    if trace_dir is not None and ranks.main:
         trace_dir.mkdir(parents=True, exist_ok=True)
         if not resume:  # a fresh run owns the folder: no trace of other settings may stay behind
             for old in (*trace_dir.glob("*.jsonl"), *trace_dir.glob("*.jsonl.tmp")):
                 old.unlink()
         write_text_atomic(trace_dir / SETTINGS_FILE, json.dumps(settings, indent=2))
+    ranks.barrier()
 
     assistant = StreamingAssistant(
         model,
@@ -220,25 +234,28 @@ def run_split(
             return {"pixel_values": frame_source.load(_file, ids)}
 
         jobs.append(StreamJob(labels, trees.get(clip.video_uid), frames))
-    todo = [i for i in range(len(jobs)) if i not in done_before]
-    progress = tqdm(total=len(todo), desc="streaming", unit="video")
+    mine = ranks.share([i for i in range(len(jobs)) if i not in done_before])
+    who = f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""
+    progress = tqdm(total=len(mine), desc="streaming" + who, unit="clip", disable=not ranks.main)
 
     def done(k: int, traces) -> None:
         progress.update()
         if trace_dir is not None:
             # atomic: a kill mid-write never leaves half a trace for --resume to read
             write_text_atomic(
-                trace_file(trace_dir, jobs[todo[k]].labels.clip),
+                trace_file(trace_dir, jobs[mine[k]].labels.clip),
                 "".join(json.dumps(t.to_dict()) + "\n" for t in traces),
             )
 
-    streamed = assistant.run_many([jobs[i] for i in todo], batch_size=stream_batch, on_done=done)
+    streamed = assistant.run_many([jobs[i] for i in mine], batch_size=stream_batch, on_done=done)
     progress.close()
-    all_traces = {**done_before, **dict(zip(todo, streamed, strict=True))}
-    return [
+    parts = ranks.gather(dict(zip(mine, streamed, strict=True)))
+    all_traces = done_before | {i: t for part in parts for i, t in part.items()}
+    videos = [
         {"labels": job.labels, "tree": job.tree, "traces": all_traces[i]}
         for i, job in enumerate(jobs)
     ]
+    return videos, [len(part) for part in parts]
 
 
 def reference_text(labels, frame: int) -> str:
@@ -328,7 +345,11 @@ def evaluate(
     dtype: str = "fp32",
     resume: bool = False,
     keep_zero_cost: bool = False,
-) -> dict:
+    ranks: Ranks | None = None,
+) -> dict | None:
+    """The whole evaluation (module docstring); returns the report. With several ``ranks`` (a
+    launcher's processes, one per GPU: ``cli``), each streams its share of the clips on its own
+    GPU and rank 0 scores, writes the report and returns it (the others return None)."""
     from dst_train.config import load_config
     from dst_train.data.collate import make_collate
     from dst_train.data.dataset import DatasetPaths, dst_path, load_split
@@ -342,11 +363,12 @@ def evaluate(
     from dst_train.model.frames import FramePixels
 
     t0 = time.perf_counter()
+    ranks = ranks or Ranks()
     # bad arguments fail here, before minutes of model loading and streaming
     model_dir, data_root = check_model_folder(model_dir), Path(data_root)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    dev = inference_device(device)
+    dev = inference_device(device, ranks.local_rank)
     paths = DatasetPaths.from_root(data_root)
     for name in (split, val_split):
         paths.split_file(name)
@@ -355,7 +377,7 @@ def evaluate(
     tokenizer = load_tokenizer(str(model_dir))
     processor = load_image_processor(str(model_dir))
     embedding_model = resolve_embedding_model(embedding_model)
-    similarity = SentenceSimilarity(embedding_model)
+    similarity = SentenceSimilarity(embedding_model) if ranks.main else None  # rank 0 scores
     cfg = load_config(None, [f"data.root={data_root}", f"model.arch={model_dir}"])
     cfg.data.max_seq_len = max_context
     labels_list = load_split(data_root, split, cfg.data.span_policy)[:max_clips]
@@ -383,6 +405,7 @@ def evaluate(
         "baseline_clips": baseline_clips if baseline else None,
         "stream_batch": stream_batch,
         "device": str(dev),
+        "processes": ranks.world,
         "dtype": dtype,
         "keep_zero_cost_edges": keep_zero_cost,
     }
@@ -398,10 +421,10 @@ def evaluate(
         cfg.model.tokens_per_frame = model.backbone.tokens_per_frame
         val = make_dataset(cfg, val_split, tokenizer, model.backbone, processor)
         collate = make_collate(tokenizer.pad_token_id, False)
-        probs = frame_probabilities(model, val, collate, dev)
+        probs = frame_probabilities(model, val, collate, dev, ranks)
         curves = {h: sweep(probs[f"{h}_p"], probs[h]) for h in ("speak", "update")}
         thresholds = {h: best_threshold(c) for h, c in curves.items()}
-        videos = run_split(
+        videos, per_rank = run_split(
             model,
             tokenizer,
             builder,
@@ -424,7 +447,11 @@ def evaluate(
                 "dtype": dtype,
             },
             resume=resume,
+            ranks=ranks,
         )
+        report[("" if name == "model" else "baseline_") + "clips_per_process"] = per_rank
+        if not ranks.main:
+            continue
         key = "metrics" if name == "model" else "baseline_metrics"
         preds = out / ("predictions.jsonl" if name == "model" else "baseline_predictions.jsonl")
         report[key] = _flat(score(videos, similarity, keep_zero_cost, preds))
@@ -437,6 +464,8 @@ def evaluate(
         report[f"{name}_threshold_curves"] = curves
         if name == "model":
             report["_videos"] = videos
+    if not ranks.main:
+        return None
     report["seconds"] = time.perf_counter() - t0
     write_report(report, out)
     report.pop("_videos", None)

@@ -263,3 +263,46 @@ def test_a_killed_evaluate_resumes_to_the_same_report(demo_root, model_folder, t
     assert (out / "predictions.jsonl").read_text() == (
         tmp_path / "whole" / "predictions.jsonl"
     ).read_text()
+
+
+def test_two_processes_share_the_clips_and_give_one_process_report(
+    demo_root, model_folder, tmp_path
+):
+    """``deepspeed --num_gpus 2 --module dst_train.cli evaluate ...`` (or torchrun; one process
+    per GPU on a GPU machine, 2 CPU processes here): each streams its share of the clips and of
+    the val frames, rank 0 scores. Report, predictions and traces equal one process's (each clip
+    streamed alone: --stream-batch 1; the probabilities to fp32 round-off)."""
+    import shutil
+
+    from dst_train.engine.trainer import free_port
+
+    root = tmp_path / "demo"  # val (the thresholds' split) as 4 clips, not 1: two shares
+    shutil.copytree(demo_root, root)
+    shutil.copy(root / "prepared/train.jsonl", root / "prepared/val.jsonl")
+
+    def run(out, *launcher):
+        args = [*launcher, "dst_train.cli", "evaluate", str(model_folder)]
+        args += ["--data", str(root), "--out", str(out), "--split", "train"]
+        args += ["--max-clips", "4", "--embedding-model", "minilm", "--max-new-tokens", "2"]
+        args += ["--stream-batch", "1", "--baseline", "--baseline-clips", "3"]
+        proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout, json.loads((out / "report.json").read_text())
+
+    one_out, one = run(tmp_path / "one", sys.executable, "-m")
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    two_out, two = run(tmp_path / "two", *launcher, "--master_port", str(free_port()), "--module")
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["clips_per_process"] == [4] and two["clips_per_process"] == [2, 2]
+    assert one["baseline_clips_per_process"] == [3] and two["baseline_clips_per_process"] == [2, 1]
+    for key in ("metrics", "baseline_metrics", "metrics_on_baseline_clips", "model_thresholds",
+                "baseline_thresholds", "model_threshold_curves"):  # fmt: skip
+        assert two[key] == one[key], key
+    assert two_out.count("| speak_f1 |") == 1  # rank 0 prints the table, once
+    for name in ("predictions.jsonl", "baseline_predictions.jsonl"):
+        assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+    traces = {d: {p.name: p.read_text() for p in (tmp_path / d / "traces").glob("*.jsonl")}
+              for d in ("one", "two")}  # fmt: skip
+    assert len(traces["two"]) == 4 and traces["two"].keys() == traces["one"].keys()
+    for name, text in traces["two"].items():  # each process runs on fewer threads (the
+        _same_trace(text, traces["one"][name])  # launcher's OMP_NUM_THREADS): round-off apart
