@@ -369,6 +369,8 @@ def evaluate(
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     dev = inference_device(device, ranks.local_rank)
+    if dev.type == "cuda":  # what a library makes on "cuda" lands on this process's GPU too
+        torch.cuda.set_device(dev)
     paths = DatasetPaths.from_root(data_root)
     for name in (split, val_split):
         paths.split_file(name)
