@@ -234,9 +234,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dst_train.data.sequence import SequenceTooLong
     from dst_train.eval.evaluate import StaleTraces, evaluate, inference_device
     from dst_train.eval.mpnet import EmbeddingModelError
-    from dst_train.eval.ranks import Ranks
     from dst_train.eval.report import table
     from dst_train.infer.stream import ContextTooSmall
+    from dst_train.ranks import Ranks
 
     if args.stream_batch < 1:
         print(f"error: --stream-batch {args.stream_batch}: need at least 1", file=sys.stderr)

@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from dst_train.atomic_io import write_text_atomic
 from dst_train.eval.dst_metrics import dst_scores
-from dst_train.eval.ranks import Ranks
 from dst_train.eval.report import REPORT_KEYS
 from dst_train.eval.score import VideoTurns, score_videos, write_score_file
 from dst_train.eval.speaking import SentenceSimilarity
 from dst_train.model.precision import DTYPES
+from dst_train.ranks import Ranks
 
 THRESHOLDS = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
 

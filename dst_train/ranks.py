@@ -1,10 +1,11 @@
-"""The processes of one evaluation: one, or one per GPU when a launcher started several.
+"""The processes of a job that is not training (``evaluate``, ``cache-features``): one, or one
+per GPU when a launcher started several.
 
-``torchrun --nproc_per_node 2 -m dst_train.cli evaluate ...`` (or the deepspeed launcher) starts
-the same command in every process, with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set. Each
-process then takes every ``world``-th item of a list (clips to stream, val samples to score), and
-the pieces are gathered on every rank (pickled, over a gloo group: the results are host objects).
-Streaming needs no communication between clips, so the only waits are at the gathers.
+``deepspeed --num_gpus 2 --module dst_train.cli evaluate ...`` (or torchrun) starts the same
+command in every process, with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` set. Each process then
+takes every ``world``-th item of a list (clips to stream, val samples to score, videos to cache),
+and the pieces are gathered on every rank (pickled, over a gloo group: the results are host
+objects). The items need no communication between them, so the only waits are at the gathers.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import os
 
 import torch
 
-# A rank waits at a gather for the slowest rank's share of the split (hours on a big test split).
+# A rank waits at a gather for the slowest rank's share (hours on a big test split).
 # If a rank dies, the launcher stops the others, so the wait never needs the timeout.
 GATHER_TIMEOUT = datetime.timedelta(days=7)
 
 
 class Ranks:
-    """This process's place among the evaluation's processes (a context manager: it joins the
+    """This process's place among the job's processes (a context manager: it joins the
     group on entry and leaves it on exit)."""
 
     def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0):
@@ -51,12 +52,12 @@ class Ranks:
 
     @property
     def main(self) -> bool:
-        """The process that scores and writes the report."""
+        """The process that writes what all made (the report, the cache's index)."""
         return self.rank == 0
 
     def share(self, items: list) -> list:
-        """This process's items: every ``world``-th, from its rank on (clip lengths vary, so a
-        block per rank would leave one rank the long clips)."""
+        """This process's items: every ``world``-th, from its rank on (lengths vary, so a block
+        per rank could leave one rank the long ones)."""
         return items[self.rank :: self.world]
 
     def gather(self, obj) -> list:
