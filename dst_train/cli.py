@@ -126,16 +126,23 @@ def _model_info(args: argparse.Namespace) -> int:
 
 def _cache_features(args: argparse.Namespace) -> int:
     from dst_train.model.frames import cache_dataset_features
+    from dst_train.ranks import Ranks
 
     cfg = _run_config(args, check_feature_cache=False)
     if cfg is None:
         return 2
     try:
-        out = cache_dataset_features(cfg, args.out, batch_size=args.batch_size)
-    except ValueError as e:  # the vision tower is trained, so its features cannot be cached
+        with Ranks.from_launcher() as ranks:  # one process, or one per GPU (deepspeed, torchrun)
+            computed = cache_dataset_features(cfg, args.out, args.batch_size, ranks)
+    except ValueError as e:  # a trained vision tower, or a folder of another model's features
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote feature cache {out}; train with data.feature_cache={out}")
+    if ranks.main:
+        split = " + ".join(map(str, computed))
+        print(
+            f"wrote feature cache {args.out} ({split} videos computed by {len(computed)} "
+            f"process{'es' if len(computed) > 1 else ''}); train with data.feature_cache={args.out}"
+        )
     return 0
 
 
@@ -384,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help="feature cache folder")
     p.add_argument("--batch-size", type=int, default=64, help="frames per vision forward")
+    _add_local_rank(p)  # several GPUs: one process each, launched by deepspeed or torchrun
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=_cache_features)
 

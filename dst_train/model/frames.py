@@ -3,7 +3,7 @@
 With a frozen vision tower, ``build_feature_cache`` runs it once over every frame a dataset uses
 and stores the *pooled* outputs (before the trainable connector) in Arrow, fp16, one file per
 frames file. Training then reads features instead of pixels and never runs the vision tower —
-the output is the same as the online path up to fp16 rounding (tests/model/test_frames.py).
+the output is the same as the online path up to fp16 rounding (tests/model/test_model.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dst_train.atomic_io import write_text_atomic
 from dst_train.data.proassist import DataFormatError, FrameReader
+from dst_train.ranks import Ranks
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:
@@ -101,7 +103,10 @@ class FeatureCache:
         return torch.from_numpy(np.concatenate(parts))
 
 
-@torch.no_grad()
+CACHE_INDEX = "cache.json"  # written last: its presence means the cache is complete
+BUILDING = "building.json"  # the key of a build in progress (a rerun resumes it)
+
+
 def build_feature_cache(
     backbone,
     root: str | Path,
@@ -111,46 +116,99 @@ def build_feature_cache(
     key: str,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
-) -> Path:
-    """Run the vision tower + pooling over every frame of ``frames_files`` into ``out``."""
+    ranks: Ranks | None = None,
+) -> list[int]:
+    """Run the vision tower + pooling over every frame of ``frames_files`` into ``out``; returns
+    how many videos each of ``ranks`` computed (one process, or one per GPU: each takes every
+    world-th video).
+
+    Each video's file appears whole (written aside, then renamed), and ``cache.json`` last, once
+    every video is there. A build cut short leaves ``building.json`` (the key) and the videos it
+    finished: the same command computes only the others. A folder holding another key's
+    features is refused (DataFormatError naming it)."""
+    ranks = ranks or Ranks()
+    out = Path(out)
+    _check_cache_folder(out, key)  # every rank: each raises, none waits for the others
+    ranks.barrier()
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / BUILDING, json.dumps({"key": key}))
+        (out / CACHE_INDEX).unlink(missing_ok=True)  # complete again only when every video is
+    ranks.barrier()
+    source = FramePixels(root, image_processor)
+    backbone.use_frame_processor(image_processor)
+    videos = sorted(set(frames_files))
+    todo = [f for f in ranks.share(videos) if not _cache_file(out, f).is_file()]
+    for frames_file in tqdm(todo, desc="caching features", unit="video", disable=not ranks.main):
+        path = _cache_file(out, frames_file)
+        _cache_video(backbone, source, frames_file, path, batch_size, device)
+    computed = ranks.gather(len(todo))
+    if ranks.main:
+        cached = (p for f in videos if (p := _cache_file(out, f)).is_file())  # not a 0-frame one
+        shape = next(map(_cached_shape, cached), ())
+        index = {"key": key, "shape": list(shape), "videos": len(videos)}
+        write_text_atomic(out / CACHE_INDEX, json.dumps(index))
+        (out / BUILDING).unlink()
+    ranks.barrier()
+    return computed
+
+
+def _check_cache_folder(out: Path, key: str) -> None:
+    for name in (CACHE_INDEX, BUILDING):
+        path = out / name
+        if path.is_file() and json.loads(path.read_text()).get("key") != key:
+            found = json.loads(path.read_text()).get("key")
+            raise DataFormatError(
+                f"{out}: holds the features of another model or tokens_per_frame (key {found}, "
+                f"this one's {key}, in {name}); remove it or choose another --out"
+            )
+
+
+def _cache_file(out: Path, frames_file: str) -> Path:
+    return out / (frames_file + ".arrow")
+
+
+@torch.no_grad()
+def _cache_video(backbone, source, frames_file: str, path: Path, batch_size: int, device) -> None:
+    """One video's pooled features (fp16) into ``path``, which appears only when complete."""
     from datasets.arrow_writer import ArrowWriter
     from datasets.features import Array2D, Features
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    source = FramePixels(root, image_processor)
-    backbone.use_frame_processor(image_processor)
-    shape = None
-    for frames_file in tqdm(sorted(set(frames_files)), desc="caching features", unit="video"):
-        reader = source.reader(frames_file)
-        path = out / (frames_file + ".arrow")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".arrow.tmp")
-        writer = None
-        for a in range(0, len(reader), batch_size):
-            px = source.load(frames_file, list(range(a, min(a + batch_size, len(reader)))))
-            feats = backbone.frame_features(px.to(device)).to(torch.float16).cpu().numpy()
-            if writer is None:
-                shape = tuple(feats.shape[1:])
-                features = Features({"features": Array2D(shape=shape, dtype="float16")})
-                writer = ArrowWriter(path=str(tmp), features=features)
-            for row in feats:
-                writer.write({"features": row})
-        if writer is not None:
-            writer.finalize()
-            writer.close()
-            tmp.replace(path)  # a crash mid-file never leaves a truncated cache file
-    (out / "cache.json").write_text(json.dumps({"key": key, "shape": list(shape or ())}))
-    return out
+    reader = source.reader(frames_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".arrow.tmp")
+    writer = None
+    for a in range(0, len(reader), batch_size):
+        px = source.load(frames_file, list(range(a, min(a + batch_size, len(reader)))))
+        feats = backbone.frame_features(px.to(device)).to(torch.float16).cpu().numpy()
+        if writer is None:
+            features = Features({"features": Array2D(shape=feats.shape[1:], dtype="float16")})
+            writer = ArrowWriter(path=str(tmp), features=features)
+        for row in feats:
+            writer.write({"features": row})
+    if writer is not None:
+        writer.finalize()
+        writer.close()
+        tmp.replace(path)  # a crash mid-file never leaves a truncated cache file
+
+
+def _cached_shape(path: Path) -> tuple[int, ...]:
+    """(P, Dv) of a cached video's features."""
+    from datasets import Dataset
+
+    return tuple(Dataset.from_file(str(path)).features["features"].shape)
 
 
 def backbone_cache_key(backbone, image_size: int) -> str:
     return cache_key(backbone.cache_identity(), backbone.tokens_per_frame, image_size)
 
 
-def cache_dataset_features(cfg, out: str | Path, batch_size: int = 64) -> Path:
+def cache_dataset_features(
+    cfg, out: str | Path, batch_size: int = 64, ranks: Ranks | None = None
+) -> list[int]:
     """Build the model of run config ``cfg`` and cache the features of every frames file its
-    dataset uses (all prepared files under ``cfg.data.root``)."""
+    dataset uses (all prepared files under ``cfg.data.root``), each of ``ranks`` on its own GPU
+    when there are GPUs; returns the videos each rank computed (``build_feature_cache``)."""
     from dst_train.data.dataset import DatasetPaths
     from dst_train.data.proassist import read_prepared
     from dst_train.model.backbone import load_image_processor
@@ -158,7 +216,8 @@ def cache_dataset_features(cfg, out: str | Path, batch_size: int = 64) -> Path:
 
     if not cfg.model.freeze_vision:
         raise ValueError("a feature cache needs a frozen vision tower (model.freeze_vision=true)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ranks = ranks or Ranks()
+    device = torch.device("cuda", ranks.local_rank) if torch.cuda.is_available() else "cpu"
     model = build_model(cfg.model, cfg.head_config(), resolve_precision(cfg.model)).to(device)
     model.eval()
     processor = load_image_processor(cfg.model.arch)
@@ -166,5 +225,5 @@ def cache_dataset_features(cfg, out: str | Path, batch_size: int = 64) -> Path:
     files = [c.frames_file for p in paths.prepared for c in read_prepared(p)]
     key = backbone_cache_key(model.backbone, processor.image_size)
     return build_feature_cache(
-        model.backbone, cfg.data.root, files, out, processor, key, batch_size, device
+        model.backbone, cfg.data.root, files, out, processor, key, batch_size, device, ranks
     )
