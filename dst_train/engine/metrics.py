@@ -3,13 +3,64 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from dst_train.atomic_io import write_text_atomic
+
+LOSSES = ("loss", "speak_loss", "update_loss", "response_loss", "dst_loss")
+
+
+class LogWindow:
+    """The optimizer steps since the previous metrics line (``train.log_every`` of them).
+
+    Each step's sums — ``LOSSES``, then tokens and samples: a (len(LOSSES) + 2,) tensor on the
+    run's device — are added where they are; the line reads them back once. Between two lines
+    the host does not wait for the GPU, so one step's own time says little (its kernels may
+    still be queued, or it may pay for earlier steps'): the line's rates are the window's tokens
+    and samples over the window's time, val passes and saves left out (``paused``), and
+    ``step_time_s`` is that time over its steps. The losses are the logged step's."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.start = clock()
+        self.sums = self.last = None
+        self.steps = 0
+
+    def add(self, sums: torch.Tensor) -> None:
+        self.last = sums
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside is not the steps' (a val pass, a save)."""
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self.start += self.clock() - began
+
+    def line(self, all_reduce, micro_steps: int) -> dict:
+        """The metrics of the window (every rank calls it: ``all_reduce`` sums over the ranks);
+        ``micro_steps``: micro-steps per optimizer step, all ranks together (the losses are
+        their mean). The next window starts here."""
+        values = all_reduce(torch.cat([self.last[:-2], self.sums[-2:]])).tolist()  # waits
+        seconds = self.clock() - self.start
+        row = {k: values[i] / micro_steps for i, k in enumerate(LOSSES)}
+        row.update(
+            tokens_per_s=values[-2] / seconds,
+            samples_per_s=values[-1] / seconds,
+            step_time_s=seconds / self.steps,
+        )
+        self.start, self.sums, self.last, self.steps = self.clock(), None, None, 0
+        return row
 
 
 def drop_rows_after(path: Path, step: int) -> None:

@@ -9,6 +9,7 @@ Launched by ``deepspeed``/``torchrun`` (one process per GPU, or per CPU worker w
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import yaml
 from dst_train.config import RunConfig, save_config, to_dict
 from dst_train.engine import checkpoint
 from dst_train.engine.ds_config import build_ds_config, zero_stage
-from dst_train.engine.metrics import MetricsLogger
+from dst_train.engine.metrics import LOSSES, LogWindow, MetricsLogger
 from dst_train.engine.stop_request import StopRequest, StopRequested, host_group
 
 
@@ -301,9 +302,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-LOSSES = ("loss", "speak_loss", "update_loss", "response_loss", "dst_loss")
-
-
 def _one(item):
     return item
 
@@ -432,9 +430,9 @@ def fit(cfg: RunConfig) -> dict:
     )
     del engine  # the safety net may replace it: always use oom_net.engine from here on
     oom_net.engine.train()
+    since_log = LogWindow()  # the steps since the last metrics line
     with stop:  # from here a signal saves and stops (stop_request.py)
         while state["step"] < t.max_steps:
-            t0 = time.perf_counter()
             # where this step starts: a stop inside it saves this state and this RNG
             before, rng = dict(state), checkpoint.rng_state()
             window = []  # this optimizer step's micro-batches (replayed if the safety net halves)
@@ -451,20 +449,16 @@ def fit(cfg: RunConfig) -> dict:
                 return stop_here(save, oom_net.engine, before, str(why), during, log, rank)
             engine = oom_net.engine
             state["step"] += 1
+            since_log.add(sums)
             guard.update(engine.skipped_steps, loss_scale(engine))
             if state["step"] % t.log_every == 0 or state["step"] == t.max_steps:
-                # the step's only wait for the device: its losses are read back to be logged
-                sums = all_reduce_sum(sums, device)
-                n_micro = s["grad_accum"] * world
-                row = {k: sums[i].item() / n_micro for i, k in enumerate(LOSSES)}
-                dt = time.perf_counter() - t0
+                # the loop's only wait for the device: the sums are read back to be logged
+                reduce = functools.partial(all_reduce_sum, device=device)
+                row = since_log.line(reduce, micro_steps=s["grad_accum"] * world)
                 row.update(
                     lr=engine.get_lr()[0],
                     loss_scale=loss_scale(engine),
                     skipped_steps=engine.skipped_steps,
-                    tokens_per_s=sums[-2].item() / dt,
-                    samples_per_s=sums[-1].item() / dt,
-                    step_time_s=dt,
                     peak_mem_gib=peak_memory_gib(device),
                     micro_batch=oom_net.current_micro,
                     epoch=state["epoch"],
@@ -472,12 +466,14 @@ def fit(cfg: RunConfig) -> dict:
                 log.train(state["step"], row)
             if t.eval_every and state["step"] % t.eval_every == 0 and state["step"] < t.max_steps:
                 try:
-                    log.eval(state["step"], val_loss(engine))
+                    with since_log.paused():
+                        log.eval(state["step"], val_loss(engine))
                 except StopRequested as why:  # the step is done: it is the one saved
                     during = f"the val loss after step {state['step']}"
                     return stop_here(save, engine, state, str(why), during, log, rank)
             if t.save_every and state["step"] % t.save_every == 0 and state["step"] < t.max_steps:
-                save(engine, state)
+                with since_log.paused():
+                    save(engine, state)
         engine = oom_net.engine
         try:
             final = val_loss(engine)

@@ -781,3 +781,31 @@ def test_the_ranks_of_a_gpu_run_agree_on_an_oom_over_the_cpu(tmp_path):
     for r in (0, 1):  # both halved the micro-batch and replayed the step in 2 micro-steps
         said = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert said == {"built": [[1, 2]], "micro": 1, "steps": 2, "sums_on": "meta"}
+
+
+def test_a_metrics_lines_rates_cover_every_step_since_the_previous_line():
+    """With train.log_every > 1 the host no longer waits for the GPU at the steps between two
+    lines, so one step's own time says little (its kernels may still be queued, or it may pay
+    for earlier steps'): the rates are the window's tokens over the window's time, val passes
+    and saves left out; the losses are the logged step's."""
+    from dst_train.engine.metrics import LogWindow
+    from dst_train.engine.trainer import LOSSES
+
+    now = [100.0]
+    window = LogWindow(clock=lambda: now[0])
+    for step, tokens in enumerate((10, 20, 30), start=1):
+        now[0] += 1.0 if step < 3 else 4.0  # step 3 waited for the queued work of 1 and 2
+        window.add(torch.tensor([float(step)] * len(LOSSES) + [tokens, 2.0], dtype=torch.float64))
+        if step == 1:
+            with window.paused():  # a val pass and a save after step 1
+                now[0] += 50.0
+    row = window.line(lambda x: x, micro_steps=1)  # the all-reduce of a run of one rank
+    assert row == {
+        **{k: 3.0 for k in LOSSES},  # step 3's
+        "tokens_per_s": 60 / 6.0,
+        "samples_per_s": 6 / 6.0,
+        "step_time_s": 6.0 / 3,
+    }
+    now[0] += 2.0  # the next line's window starts empty, at the previous line
+    window.add(torch.tensor([1.0] * len(LOSSES) + [8.0, 2.0], dtype=torch.float64))
+    assert window.line(lambda x: x, micro_steps=1)["tokens_per_s"] == 4.0
