@@ -73,7 +73,14 @@ class FeatureCache:
                 f"{self.dir}: not a feature cache (no cache.json); build one with "
                 "`dst-train cache-features`"
             )
-        self.info = json.loads(info_path.read_text())
+        try:
+            self.info = json.loads(info_path.read_text())
+            _ = self.info["key"]  # an object, with a key
+        except (ValueError, TypeError, KeyError) as e:  # bad JSON, not an object, no key
+            raise DataFormatError(
+                f"{info_path}: not a feature cache's index ({type(e).__name__}: {e}); rebuild "
+                "it with `dst-train cache-features`"
+            ) from None
         if expect_key is not None and self.info["key"] != expect_key:
             raise DataFormatError(
                 f"{self.dir}: feature cache was built for another model or "
@@ -154,10 +161,19 @@ def build_feature_cache(
 
 
 def _check_cache_folder(out: Path, key: str) -> None:
+    """DataFormatError naming ``out`` if it holds (or was building) another key's features."""
     for name in (CACHE_INDEX, BUILDING):
         path = out / name
-        if path.is_file() and json.loads(path.read_text()).get("key") != key:
-            found = json.loads(path.read_text()).get("key")
+        if not path.is_file():
+            continue
+        try:
+            found = json.loads(path.read_text())["key"]
+        except (ValueError, TypeError, KeyError) as e:  # bad JSON, not an object, no key
+            raise DataFormatError(
+                f"{path}: not a feature cache's index ({type(e).__name__}: {e}); remove the "
+                "folder or choose another --out"
+            ) from None
+        if found != key:
             raise DataFormatError(
                 f"{out}: holds the features of another model or tokens_per_frame (key {found}, "
                 f"this one's {key}, in {name}); remove it or choose another --out"

@@ -92,6 +92,10 @@ def test_a_folder_of_another_models_features_is_refused_by_name(
             tower.build(out)
         assert tower.calls == 0
         tower.build(out, key="other-key")
+    (out / "cache.json").write_text('{"key": ')  # torn by hand: named, not a bare JSON error
+    for read in (tower.build, FeatureCache):  # building on it, and training from it
+        with pytest.raises(DataFormatError, match=f"{out / 'cache.json'}: not a feature cache's"):
+            read(out)
 
 
 def test_one_process_per_gpu_builds_the_cache_one_process_builds(
