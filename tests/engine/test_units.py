@@ -762,7 +762,9 @@ def _agree_on_an_oom(rank: int, port: int, root: str) -> None:
     engine = _OomOnceEngine(oom=rank == 1)
     scratch = Path(root, "scratch")
     runner = MicroBatchRunner(engine, _two_samples, meta, True, 2, 1, rank, 2, rebuild, scratch)
-    runner.flags = host_group(meta, 2)  # as fit() hands it over
+    runner.flags = host_group(meta, 2)  # as fit() hands it over: a gloo group of its own
+    assert runner.flags is not None and torch.distributed.get_backend(runner.flags) == "gloo"
+    assert host_group(torch.device("cpu"), 2) is None  # a CPU run's default group is gloo
     sums = runner.run_window([[0, 1]])  # rank 1 runs out in the forward; rank 0 does not
     said = {"built": built, "micro": runner.current_micro, "steps": runner.engine.steps}
     said["sums_on"] = str(sums.device)
