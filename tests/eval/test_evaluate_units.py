@@ -225,3 +225,17 @@ def test_the_decoding_limit_is_a_quarter_longer_than_the_longest_reference_turn(
     limit = auto_max_new_tokens(tok, labels)
     assert 1.25 * longest <= limit <= 1.25 * longest + 2
     assert auto_max_new_tokens(tok, []) >= 1.25 * 48  # no reference turn: 48 tokens, + 1/4
+
+
+def test_each_process_of_a_launched_evaluation_takes_its_own_gpu(monkeypatch):
+    import torch
+
+    from dst_train.eval.evaluate import inference_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with GPUs
+    for asked in ("auto", "cuda"):  # the LOCAL_RANK-th GPU
+        assert inference_device(asked, local_rank=1) == torch.device("cuda", 1)
+    assert inference_device("cuda:0", local_rank=1) == torch.device("cuda", 0)  # as named
+    assert inference_device("cpu", local_rank=1) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference_device("auto", local_rank=1) == torch.device("cpu")
