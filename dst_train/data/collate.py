@@ -159,6 +159,13 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         self.epoch, self.skip = epoch, skip
 
     def batches(self) -> list[list[int]]:
+        out = self._all_batches()
+        per_rank = -(-len(out) // self.world)  # ceil
+        out += out[: per_rank * self.world - len(out)]  # wrap so all ranks step together
+        return out[self.rank :: self.world]
+
+    def _all_batches(self) -> list[list[int]]:
+        """Every rank's batches of the epoch, shuffled, before the split between ranks."""
         rng = random.Random(self.seed * 100003 + self.epoch)
         idx = list(range(len(self.lengths)))
         rng.shuffle(idx)
@@ -168,15 +175,18 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             chunk = sorted(idx[w : w + window], key=lambda i: self.lengths[i])
             out += [chunk[b : b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
         rng.shuffle(out)
-        per_rank = -(-len(out) // self.world)  # ceil
-        out += out[: per_rank * self.world - len(out)]  # wrap so all ranks step together
-        return out[self.rank :: self.world]
+        return out
 
     def __iter__(self):
         yield from self.batches()[self.skip :]
 
     def __len__(self) -> int:
         return len(self.batches()) - self.skip
+
+    def first_visits(self) -> int:
+        """How many of this rank's batches of the epoch (from its first) are not the wrap's
+        repeats: a mean over the split (the val loss) counts only those."""
+        return len(range(self.rank, len(self._all_batches()), self.world))
 
 
 class SampleOrder(torch.utils.data.Sampler):

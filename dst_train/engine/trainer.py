@@ -720,6 +720,9 @@ def evaluate(engine, loader, device, max_batches: int = 0, stop: StopRequest | N
     engine.eval()
     sums = torch.zeros(len(LOSSES) + 1, dtype=torch.float64, device=device)  # read once, at the end
     loader.batch_sampler.set_epoch(0)
+    # the ranks step through as many batches each (ZeRO-3's forward is a collective): the last
+    # ones of a rank may repeat batches to even them out, and run, but count for nothing
+    counted = loader.batch_sampler.first_visits()
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
@@ -728,8 +731,9 @@ def evaluate(engine, loader, device, max_batches: int = 0, stop: StopRequest | N
             engine.train()
             raise StopRequested(why)
         out = engine(**to_device(batch, device))
-        sums[:-1] += torch.stack([out[k] for k in LOSSES]).double()
-        sums[-1] += 1
+        if i < counted:
+            sums[:-1] += torch.stack([out[k] for k in LOSSES]).double()
+            sums[-1] += 1
     engine.train()
     sums = all_reduce_sum(sums, device)
     n = max(sums[-1].item(), 1)

@@ -692,7 +692,9 @@ def test_a_training_step_reads_nothing_back_from_the_device(micro_batches):
 class _Batches(list):
     """A val loader of ``n`` batches (what ``evaluate`` needs of one)."""
 
-    batch_sampler = SimpleNamespace(set_epoch=lambda epoch: None)
+    @property
+    def batch_sampler(self):
+        return SimpleNamespace(set_epoch=lambda epoch: None, first_visits=lambda: len(self))
 
 
 def _val_reads(rank: int, port: int, root: str) -> None:
@@ -811,3 +813,44 @@ def test_a_metrics_lines_rates_cover_every_step_since_the_previous_line():
     now[0] += 2.0  # the next line's window starts empty, at the previous line
     window.add(torch.tensor([1.0] * len(LOSSES) + [8.0, 2.0], dtype=torch.float64))
     assert window.line(lambda x: x, micro_steps=1)["tokens_per_s"] == 4.0
+
+
+class _MeanEngine(_LossEngine):
+    """Every loss of a batch is the mean of its input ids (so batches differ)."""
+
+    def __call__(self, **batch):
+        from dst_train.engine.trainer import LOSSES
+
+        return {k: batch["input_ids"].double().mean() for k in LOSSES}
+
+
+def _val_loss_of_ranks(rank: int, world: int, port: int, root: str) -> None:
+    from dst_train.data.collate import LengthGroupedSampler
+    from dst_train.engine.trainer import evaluate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    items = [torch.tensor([i]) for i in range(7)]  # 7 batches of one: rank 1 of 2 wraps one
+    sampler = LengthGroupedSampler([1] * len(items), 1, world, rank, seed=5)
+    loader = torch.utils.data.DataLoader(
+        items, batch_sampler=sampler, collate_fn=lambda b: {"input_ids": torch.stack(b)}
+    )
+    val = evaluate(_MeanEngine(), loader, torch.device("cpu"))
+    Path(root, f"world{world}_rank{rank}.json").write_text(json.dumps(val))
+    torch.distributed.destroy_process_group()
+
+
+def test_the_val_loss_on_two_ranks_is_the_val_loss_on_one():
+    """Each rank must step through as many val batches as the others, so the sampler repeats
+    batches from the start to even the ranks out; those repeats take no part in the mean."""
+    import tempfile
+
+    from dst_train.engine.trainer import free_port
+
+    with tempfile.TemporaryDirectory() as root:
+        for world in (1, 2):
+            args = (world, int(free_port()), root)
+            torch.multiprocessing.spawn(_val_loss_of_ranks, args=args, nprocs=world)
+        got = {p.stem: json.loads(p.read_text()) for p in Path(root).glob("*.json")}
+    assert got["world1_rank0"]["val_loss"] == pytest.approx(3.0)  # the mean of 0..6
+    assert got["world2_rank0"] == got["world2_rank1"] == got["world1_rank0"]
