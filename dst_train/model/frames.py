@@ -73,14 +73,7 @@ class FeatureCache:
                 f"{self.dir}: not a feature cache (no cache.json); build one with "
                 "`dst-train cache-features`"
             )
-        try:
-            self.info = json.loads(info_path.read_text())
-            _ = self.info["key"]  # an object, with a key
-        except (ValueError, TypeError, KeyError) as e:  # bad JSON, not an object, no key
-            raise DataFormatError(
-                f"{info_path}: not a feature cache's index ({type(e).__name__}: {e}); rebuild "
-                "it with `dst-train cache-features`"
-            ) from None
+        self.info = read_index(info_path, "rebuild it with `dst-train cache-features`")
         if expect_key is not None and self.info["key"] != expect_key:
             raise DataFormatError(
                 f"{self.dir}: feature cache was built for another model or "
@@ -166,18 +159,25 @@ def _check_cache_folder(out: Path, key: str) -> None:
         path = out / name
         if not path.is_file():
             continue
-        try:
-            found = json.loads(path.read_text())["key"]
-        except (ValueError, TypeError, KeyError) as e:  # bad JSON, not an object, no key
-            raise DataFormatError(
-                f"{path}: not a feature cache's index ({type(e).__name__}: {e}); remove the "
-                "folder or choose another --out"
-            ) from None
+        found = read_index(path, "remove the folder or choose another --out")["key"]
         if found != key:
             raise DataFormatError(
                 f"{out}: holds the features of another model or tokens_per_frame (key {found}, "
                 f"this one's {key}, in {name}); remove it or choose another --out"
             )
+
+
+def read_index(path: Path, remedy: str) -> dict:
+    """``cache.json`` or ``building.json``: a JSON object with a ``key``; DataFormatError naming
+    ``path`` (and saying ``remedy``) if it is not one (torn, edited by hand)."""
+    try:
+        index = json.loads(path.read_text())
+        index["key"]  # raises unless an object with a key
+    except (ValueError, TypeError, KeyError) as e:  # bad JSON, not an object, no key
+        raise DataFormatError(
+            f"{path}: not a feature cache's index ({type(e).__name__}: {e}); {remedy}"
+        ) from None
+    return index
 
 
 def _cache_file(out: Path, frames_file: str) -> Path:
