@@ -1,12 +1,15 @@
 """Train loader: a micro-batch read by one worker (the DataLoader handed the batch sampler) vs by
-every worker (``sample_loader``: single samples, regrouped by ``batches_forever``).
+every worker (``sample_loader``: single samples, regrouped by ``batches_forever``), and the
+latter with one iterator for the run (the trainer's) vs a new one, and new workers, each epoch
+(the trainer's until 2026-11-27).
 
     python benchmarks/train_loader.py             # demo data with 384-px frames, 2 workers
+    python benchmarks/train_loader.py --step-s 3 --epochs 4   # the epoch restarts' cost
     python benchmarks/train_loader.py --smoke     # tiny, for the tests
 
-Both layouts read the same batches of the real train dataset (``prepare``: frames decoded from
+Every layout reads the same batches of the real train dataset (``prepare``: frames decoded from
 the Arrow files and run through the model's image processor in the workers) for ``--epochs``
-epochs, one iterator per epoch as training makes. The consumer holds each batch for
+epochs; the batch layout makes one iterator per epoch. The consumer holds each batch for
 ``--step-s`` seconds, a stand-in for the GPU step the loader has to keep up with. Measured per
 layout: seconds to the first batch, frames/s over the run, and the share of the run the
 consumer spent waiting for batches. The ratios are the sample layout over the batch layout.
@@ -15,6 +18,7 @@ consumer spent waiting for batches. The ratios are the sample layout over the ba
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import tempfile
 import time
@@ -58,6 +62,18 @@ def sample_layout(s: dict, workers: int):
     return (items for _, _, items in batches_forever(loader, s["sampler"], 0, 0))
 
 
+def restarted_layout(s: dict, workers: int):
+    """The trainer's loader with a new iterator each epoch: its workers start cold each time."""
+    from dst_train.engine.trainer import batches_forever, sample_loader
+
+    loader = sample_loader(s["train_ds"], s["sampler"], workers)
+    for epoch in itertools.count():
+        one_epoch = itertools.islice(
+            batches_forever(loader, s["sampler"], epoch, 0), len(s["sampler"])
+        )
+        yield from (items for _, _, items in one_epoch)
+
+
 def measure(name: str, stream, batches: int, step_s: float) -> dict:
     t0 = time.perf_counter()
     waited, frames, first = 0.0, 0, None
@@ -99,6 +115,12 @@ def main() -> None:
         rows = [
             measure("batch per worker", batch_layout(s, args.workers), batches, args.step_s),
             measure("sample per worker", sample_layout(s, args.workers), batches, args.step_s),
+            measure(
+                "sample per worker, restarted each epoch",
+                restarted_layout(s, args.workers),
+                batches,
+                args.step_s,
+            ),
         ]
     print(
         table(
@@ -106,10 +128,13 @@ def main() -> None:
             ["layout", "batches", "frames", "first_batch_s", "frames_per_s", "wait_share"],
         )
     )
-    base, ours = rows
+    base, ours, restarted = rows
     ratios = {
         "first_batch_s_sample_over_batch": ours["first_batch_s"] / base["first_batch_s"],
         "frames_per_s_sample_over_batch": ours["frames_per_s"] / base["frames_per_s"],
+        "seconds_one_iterator_over_restarted": ours["seconds"] / restarted["seconds"],
+        "wait_share_one_iterator_over_restarted": ours["wait_share"]
+        / max(restarted["wait_share"], 1e-9),
     }
     print(ratios)
     path = write_result(

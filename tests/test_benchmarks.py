@@ -116,8 +116,12 @@ def test_train_loader_smoke(tmp_path):
     out = _run("train_loader.py", tmp_path)
     assert "first_batch_s_sample_over_batch" in out
     rows = json.loads((tmp_path / "train_loader_smoke.json").read_text())["rows"]
-    assert [r["layout"] for r in rows] == ["batch per worker", "sample per worker"]
-    assert rows[0]["frames"] == rows[1]["frames"] > 0  # the same batches read both ways
+    assert [r["layout"] for r in rows] == [
+        "batch per worker",
+        "sample per worker",
+        "sample per worker, restarted each epoch",
+    ]
+    assert rows[0]["frames"] == rows[1]["frames"] == rows[2]["frames"] > 0  # the same batches
     assert all(r["first_batch_s"] > 0 and 0 <= r["wait_share"] <= 1 for r in rows)
 
 

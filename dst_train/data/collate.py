@@ -13,6 +13,8 @@ in ``input_ids`` — the model scatters frame embeddings into image-token slots 
 
 from __future__ import annotations
 
+import copy
+import itertools
 import random
 
 import torch
@@ -190,16 +192,42 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
 
 class SampleOrder(torch.utils.data.Sampler):
-    """A batch sampler's batches flattened into sample indices, in order. A DataLoader over it
-    hands each sample to the next free worker, so one micro-batch's frames are decoded by all
-    workers at once (handed the batch sampler itself, a loader gives a whole micro-batch to one
-    worker: at 14 samples × ~70 frames and ~40 frames/s per core, ~25 s for a batch)."""
+    """A batch sampler's batches flattened into ``(epoch, sample index)`` keys, epoch after epoch
+    from ``start(epoch, skip)``, without end. A DataLoader over it hands each sample to the next
+    free worker, so one micro-batch's frames are decoded by all workers at once (handed the batch
+    sampler itself, a loader gives a whole micro-batch to one worker: at 14 samples × ~70 frames
+    and ~40 frames/s per core, ~25 s for a batch). One loader iterator then serves the whole
+    run: its workers read the next epoch's first samples while the last batches of this one
+    train, where an iterator per epoch restarted them and the epoch's first batch waited on a
+    cold pipeline. The keys carry the epoch because every worker holds its own copy of the
+    dataset (``EpochItems``)."""
 
     def __init__(self, batch_sampler):
-        self.batches = batch_sampler
+        self.batches = copy.copy(batch_sampler)  # its own: the training loop walks the original
+        self.epoch = self.skip = 0
+
+    def start(self, epoch: int, skip: int) -> None:
+        """Where the next iterator starts: ``skip`` batches into ``epoch``."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
-        return (i for batch in self.batches for i in batch)
+        for epoch in itertools.count(self.epoch):
+            self.batches.set_epoch(epoch, self.skip if epoch == self.epoch else 0)
+            for batch in self.batches:
+                yield from ((epoch, i) for i in batch)
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """``dataset`` read by ``SampleOrder``'s ``(epoch, index)`` keys: its ``epoch`` (which the
+    negative-frame subsampling draws from) is set to the key's before each read."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return sum(len(b) for b in self.batches)
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        self.dataset.epoch = epoch
+        return self.dataset[i]

@@ -307,20 +307,20 @@ def _one(item):
 
 
 def sample_loader(dataset, sampler, num_workers: int) -> torch.utils.data.DataLoader:
-    """The train loader: single samples in ``sampler``'s order (``SampleOrder``), uncollated, so
-    a micro-batch is read by every worker at once and the OOM safety net can split it
-    (``batches_forever`` regroups them). The workers keep about two micro-batches' samples in
-    flight between them. The loader's own generator (re-seeded per epoch in
-    ``batches_forever``): creating its iterator (each epoch, and again after a resume) must not
-    draw from the global RNG dropout uses. The workers leave the stop signals to their rank
-    (``stop_request.loader_worker_init``)."""
+    """The train loader: single samples in ``sampler``'s order, epoch after epoch
+    (``SampleOrder``), uncollated, so a micro-batch is read by every worker at once and the OOM
+    safety net can split it (``batches_forever`` regroups them). The workers keep about two
+    micro-batches' samples in flight between them. The loader's own generator (seeded by the
+    start epoch in ``batches_forever``): creating its iterator (once a run, and again after a
+    resume) must not draw from the global RNG dropout uses. The workers leave the stop signals
+    to their rank (``stop_request.loader_worker_init``)."""
     from torch.utils.data import DataLoader
 
-    from dst_train.data.collate import SampleOrder
+    from dst_train.data.collate import EpochItems, SampleOrder
     from dst_train.engine.stop_request import loader_worker_init
 
     return DataLoader(
-        dataset,
+        EpochItems(dataset),
         sampler=SampleOrder(sampler),
         batch_size=None,
         collate_fn=_one,
@@ -349,13 +349,14 @@ def val_loader(dataset, sampler, collate, num_workers: int) -> torch.utils.data.
 
 def batches_forever(loader, sampler, epoch: int, skip: int):
     """Yield (epoch, index in epoch, list of samples) across epochs, starting ``skip`` batches
-    in: ``sampler``'s batches, their samples read through ``loader`` (``sample_loader``)."""
+    into ``epoch``: ``sampler``'s batches, their samples read through ``loader``
+    (``sample_loader``), whose one iterator runs across the epochs."""
+    loader.sampler.start(epoch, skip)
+    if loader.generator is not None:  # worker seeds depend on the start epoch, not on the step
+        loader.generator.manual_seed(hash((sampler.seed, epoch)) % 2**63)
+    samples = iter(loader)
     while True:
         sampler.set_epoch(epoch, skip)
-        loader.dataset.epoch = epoch
-        if loader.generator is not None:  # worker seeds depend on the epoch only, not on resumes
-            loader.generator.manual_seed(hash((sampler.seed, epoch)) % 2**63)
-        samples = iter(loader)
         for i, batch in enumerate(sampler, start=skip):
             yield epoch, i, [next(samples) for _ in batch]
         epoch, skip = epoch + 1, 0
