@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -84,14 +86,31 @@ def overrides(paths: dict, work: Path, dry_run: bool) -> list[str]:
     ]
 
 
+class StageTimeout(RuntimeError):
+    """A stage ran past its deadline; the message ends with its log's tail."""
+
+
 def _run(cmd: list[str], timeout: float, log: Path) -> None:
-    """Run ``cmd``; its output goes to ``log``; a failure raises with the log's tail."""
+    """Run ``cmd``; its output goes to ``log``; a failure raises with the log's tail. Past
+    ``timeout`` the command is killed with every process it started (its own session: a fit
+    probe or a loader worker left running would hold the GPU the next stage needs)."""
     print("$", " ".join(cmd), flush=True)
     with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=ROOT)
-    if proc.returncode != 0:
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            tail = log.read_text()[-4000:]
+            raise StageTimeout(
+                f"past its {timeout:.0f} s: {' '.join(cmd[:4])} ...\n{tail}"
+            ) from None
+    if code != 0:
         tail = log.read_text()[-4000:]
-        raise RuntimeError(f"exit {proc.returncode}: {' '.join(cmd[:4])} ...\n{tail}")
+        raise RuntimeError(f"exit {code}: {' '.join(cmd[:4])} ...\n{tail}")
 
 
 def stage_autotune(a, ov: list[str], work: Path, timeout: float) -> dict:
@@ -253,7 +272,7 @@ def main() -> None:
                 record = stage_script(a, "autotune_bench.py", "bench", work, paths, left, extra)
             else:
                 raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
+        except RuntimeError as e:
             record = {"error": str(e)[-4000:]}
             print(f"stage {stage} failed: {str(e)[-2000:]}", flush=True)
         record["stage_seconds"] = time.perf_counter() - t0
