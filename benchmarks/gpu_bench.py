@@ -184,6 +184,23 @@ def stage_script(a, script: str, name: str, work: Path, paths: dict, timeout: fl
     return {**record, "summary": summary}
 
 
+def stage_fit(a, work: Path, paths: dict, timeout: float, size: int) -> dict:
+    """throughput.py's fit searches, a bracket around the throughput size. Its probes go to
+    ``--fit-probes`` as they end: a stage cut short by its deadline records the probes that
+    ran, and a rerun (the same work folder on a warm machine, or the log carried in) goes on
+    from them."""
+    cap = size if a.dry_run else max(32, 2 * size)
+    log = a.fit_probes or work / "fit_probes.jsonl"
+    extra = ["--fit-only", "--fit-from", str(size), "--max-micro", str(cap)]
+    extra += ["--fit-probes", str(log)]
+    try:
+        return stage_script(a, "throughput.py", "fit", work, paths, timeout, extra)
+    except StageTimeout as e:
+        probes = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+        summary = {"error": str(e)[-2000:], "probes": probes}
+        return {"error": str(e)[-4000:], "probes": probes, "summary": summary}
+
+
 def stage_streaming(a, work: Path, paths: dict, timeout: float) -> dict:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "streaming.py")]
     cmd += ["--random-arch", str(paths["model"]), "--data", str(paths["data"])]
@@ -225,6 +242,11 @@ def main() -> None:
     )
     ap.add_argument("--videos", type=int, default=24, help="synthetic dataset size")
     ap.add_argument("--stream-clips", type=int, default=8, help="clips the streaming stage runs")
+    ap.add_argument(
+        "--fit-probes",
+        type=Path,
+        help="fit: the probe log to go on from (default WORK/fit_probes.jsonl)",
+    )
     ap.add_argument("--deadline-s", type=float, default=2400.0, help="whole run, seconds")
     ap.add_argument("--min-stage-s", type=float, default=90.0)
     ap.add_argument("--work", type=Path, help="scratch folder (default runs/gpu-bench[-dry])")
@@ -261,10 +283,8 @@ def main() -> None:
                 extra = ["--micro-batch", str(size), "--no-fit"]
                 extra += ["--steps", str(a.throughput_steps), "--warmup", "3"]
                 record = stage_script(a, "throughput.py", "throughput", work, paths, left, extra)
-            elif stage == "fit":  # a bracket around the throughput size
-                cap = size if a.dry_run else max(32, 2 * size)
-                extra = ["--fit-only", "--fit-from", str(size), "--max-micro", str(cap)]
-                record = stage_script(a, "throughput.py", "fit", work, paths, left, extra)
+            elif stage == "fit":
+                record = stage_fit(a, work, paths, left, size)
             elif stage == "streaming":
                 record = stage_streaming(a, work, paths, left)
             elif stage == "bench":

@@ -366,15 +366,51 @@ def _spawn(role: str, args, **extra) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
-def largest_fit(args, role: str) -> dict:
+class ProbeLog:
+    """The fit searches' probes, one JSON line each, appended as each probe ends: a search cut
+    short (a lease's deadline) keeps what it measured, and a rerun over the same file measures
+    only the probes it lacks. ``setting``: what a probe's peak depends on besides the stack and
+    the micro-batch (model, data, recipe, cap); probes of another setting are not reused."""
+
+    def __init__(self, path: Path | None, setting: dict):
+        self.path, self.setting = path, setting
+        self.taken = []  # the probes the searches took, measured or reused, in order
+
+    def probes(self) -> list[dict]:
+        """This setting's probes in the file, in the order they ran."""
+        if self.path is None or not self.path.exists():
+            return []
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if r["setting"] == self.setting]
+
+    def measure(self, role: str, micro: int, spawn) -> dict:
+        """The probe of ``role`` at ``micro``: from the file, else ``spawn(micro)``, recorded."""
+        for r in self.probes():
+            if (r["role"], r["micro"]) == (role, micro):
+                self.taken.append({**r, "reused": True})
+                return self.taken[-1]
+        r = {"role": role, "micro": micro, **spawn(micro), "setting": self.setting}
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+        self.taken.append(r)
+        return r
+
+
+def largest_fit(args, role: str, log: ProbeLog) -> dict:
     """Largest micro-batch of one stack under the cap: the same search for both, every probe in
     a fresh process (a fresh engine and allocator; the Trainer cannot be rebuilt in place) —
     the autotuner's from micro-batch 1, or with ``--fit-from N`` a bracket around N (two
-    probes a stack when N is the answer: a GPU lease's minutes)."""
+    probes a stack when N is the answer: a GPU lease's minutes). Probes go through ``log``."""
     from dst_train.tune.search import Probe, search, search_from
 
+    def spawn(micro: int) -> dict:
+        r = _spawn(role, args, micro=micro)
+        return {k: r[k] for k in ("peak_bytes", "seconds", "oom")}
+
     def measure(b: int) -> Probe:
-        r = _spawn(role, args, micro=b)
+        r = log.measure(role, b, spawn)
         return Probe(b, r["peak_bytes"], r["seconds"], oom=r["oom"])
 
     if args.fit_from:
@@ -402,6 +438,11 @@ def main() -> None:
         type=int,
         default=0,
         help="start both largest-micro-batch searches at this size (e.g. the autotuner's)",
+    )
+    ap.add_argument(
+        "--fit-probes",
+        type=Path,
+        help="JSON-lines log of the fit probes: each appended as it ends, reused by a rerun",
     )
     ap.add_argument("--target-gb", type=float, default=24.0)
     ap.add_argument("--fraction", type=float, default=0.9)
@@ -432,18 +473,26 @@ def main() -> None:
         stacks = () if args.fit_only else ("ours", "hf")
         rows = [{"stack": name, **_spawn(name, args)} for name in stacks]
         args.limit_bytes = fit_limit(args, rows)
-        fits = {}
+        fits, log = {}, ProbeLog(args.fit_probes, _setting(args))
         if not args.no_fit:
-            fits = {"ours": largest_fit(args, "ours_probe"), "hf": largest_fit(args, "hf_worst")}
+            fits = {
+                "ours": largest_fit(args, "ours_probe", log),
+                "hf": largest_fit(args, "hf_worst", log),
+            }
     name = args.name or ("throughput_smoke" if args.smoke else "throughput")
     result = {"micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup}
-    result.update(limit_bytes=args.limit_bytes, fits=fits)
+    result.update(limit_bytes=args.limit_bytes, fits=fits, probes=log.taken)
     result.update(rates_table(rows, fits) if rows else {"rows": [], "ratios": {}})
     if fits:
         ratio = fits["ours"]["micro_batch"] / max(fits["hf"]["micro_batch"], 1)
         result["ratios"]["largest_micro_batch_ours_over_hf"] = ratio
         print(json.dumps({"fits": fits, "ratios": result["ratios"]}))
     print(f"wrote {write_result(name, result, args.out)}")
+
+
+def _setting(args) -> dict:
+    """What a fit probe's peak depends on besides the stack and the micro-batch."""
+    return {"arch": args.arch, "data": args.data, "config": args.config, "limit": args.limit_bytes}
 
 
 def fit_limit(args, rows: list[dict]) -> int:

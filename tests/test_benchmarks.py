@@ -179,6 +179,10 @@ def test_gpu_bench_dry_run_runs_every_stage(tmp_path):
     fit = json.loads((tmp_path / "gpu_fit.json").read_text())
     assert fit["rows"] == [] and fit["ratios"]["largest_micro_batch_ours_over_hf"] == 1.0
     assert fit["fits"] == {k: {"micro_batch": size, "probes": 1} for k in ("ours", "hf")}
+    assert [(p["role"], p["micro"]) for p in fit["probes"]] == [
+        ("ours_probe", size),
+        ("hf_worst", size),
+    ]
     bench = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
     assert [r["method"] for r in bench] == ["ours", "doubling"]
     assert all(r["peak_over_limit"] <= 1.0 for r in bench)
@@ -232,3 +236,49 @@ def test_a_gpu_bench_stage_past_its_deadline_is_killed_with_its_children_and_its
     while _running(child) and time.time() < deadline:
         time.sleep(0.1)
     assert not _running(child)
+
+
+def test_the_fit_searches_record_each_probe_and_a_rerun_measures_only_the_missing_ones(tmp_path):
+    """A fit probe is a fresh process loading the model (~1 min for 2.2B): the lease of
+    2026-11-27 ran the fit stage 296 s and brought back no probe. Each probe is appended to the
+    probe log as it ends; a rerun with the same setting reuses them, another setting does not."""
+    from benchmarks.throughput import ProbeLog
+
+    path = tmp_path / "probes.jsonl"
+    spawned = []
+
+    def spawn(micro):
+        spawned.append(micro)
+        return {"peak_bytes": 100 * micro, "seconds": 1.0, "oom": micro > 8}
+
+    log = ProbeLog(path, {"arch": "a", "limit_bytes": 800})
+    assert [log.measure("ours", b, spawn)["peak_bytes"] for b in (4, 9)] == [400, 900]
+    assert len(path.read_text().splitlines()) == 2  # written as they ended
+    again = ProbeLog(path, {"arch": "a", "limit_bytes": 800})
+    assert again.measure("ours", 9, spawn)["oom"] is True
+    assert again.measure("hf", 9, spawn)["oom"] is True  # another stack: measured
+    assert ProbeLog(path, {"arch": "b", "limit_bytes": 800}).measure("ours", 4, spawn)
+    assert spawned == [4, 9, 9, 4]
+    assert [p.get("reused", False) for p in again.taken] == [True, False]
+    assert [(p["role"], p["micro"]) for p in again.probes()] == [
+        ("ours", 4),
+        ("ours", 9),
+        ("hf", 9),
+    ]
+
+
+def test_a_fit_stage_past_its_deadline_records_the_probes_that_ran(tmp_path, monkeypatch):
+    import argparse
+
+    from benchmarks import gpu_bench
+
+    def cut_short(a, script, name, work, paths, timeout, extra):
+        log = Path(extra[extra.index("--fit-probes") + 1])
+        log.write_text(json.dumps({"role": "ours_probe", "micro": 14, "oom": False}) + "\n")
+        raise gpu_bench.StageTimeout("past its 300 s: ...\nprobe at 28")
+
+    monkeypatch.setattr(gpu_bench, "stage_script", cut_short)
+    a = argparse.Namespace(dry_run=False, fit_probes=None)
+    record = gpu_bench.stage_fit(a, tmp_path, {}, 300.0, 14)
+    assert record["summary"]["probes"] == [{"role": "ours_probe", "micro": 14, "oom": False}]
+    assert "probe at 28" in record["summary"]["error"]
