@@ -23,11 +23,13 @@ Stages, each in its own processes, each writing ``OUT/gpu_<stage>.json`` as soon
               throughput micro-batch (the dry run caps it there: one probe a stack)
   bench       benchmarks/autotune_bench.py: our search vs doubling + binary search
   streaming   benchmarks/streaming.py: streaming evaluation (random weights, heads that vary
-              per frame) of ``--stream-clips`` test clips, batch 1 vs 8: frames/s, and that
-              batching changes no output
+              per frame) of ``--stream-clips`` test clips cut to ``--stream-frames`` frames,
+              batch 1 vs 8: frames/s, and that batching changes no output
 
 A stage that would start with less than ``--min-stage-s`` of ``--deadline-s`` left is skipped
-and recorded as skipped, so a short lease still brings back the stages that ran.
+and recorded as skipped, so a short lease still brings back the stages that ran. A stage past
+its share of the deadline is killed with its processes; its record keeps its log's tail and
+what it measured before (verify's steps, fit's probes, streaming's passes).
 """
 
 from __future__ import annotations
@@ -202,16 +204,26 @@ def stage_fit(a, work: Path, paths: dict, timeout: float, size: int) -> dict:
 
 
 def stage_streaming(a, work: Path, paths: dict, timeout: float) -> dict:
+    """benchmarks/streaming.py on ``--stream-clips`` test clips cut to ``--stream-frames``
+    frames. It writes its record after every timed pass: a stage cut short by its deadline
+    keeps the passes that ran."""
+    result = work / "results" / "streaming.json"
+    result.unlink(missing_ok=True)  # an earlier run's is not this one's
     cmd = [sys.executable, str(ROOT / "benchmarks" / "streaming.py")]
     cmd += ["--random-arch", str(paths["model"]), "--data", str(paths["data"])]
     cmd += ["--dtype", "fp32" if a.dry_run else "fp16", "--batches", "1,8"]
     cmd += ["--clips", str(a.stream_clips), "--split", "test"]
-    cmd += ["--repeats", "1" if a.dry_run else "3"]
+    cmd += ["--max-frames", str(a.stream_frames), "--repeats", str(a.stream_repeats)]
     cmd += ["--speak-threshold", "0.6", "--update-threshold", "0.6"]
     cmd += ["--max-new-tokens", "4" if a.dry_run else "40"]
     cmd += ["--out", str(work / "results"), "--name", "streaming"]
-    _run(cmd, timeout, work / "streaming.log")
-    record = json.loads((work / "results" / "streaming.json").read_text())
+    try:
+        _run(cmd, timeout, work / "streaming.log")
+    except StageTimeout as e:
+        record = json.loads(result.read_text()) if result.exists() else {"rows": []}
+        summary = {"error": str(e)[-2000:], "rows": record["rows"]}
+        return {**record, "error": str(e)[-4000:], "summary": summary}
+    record = json.loads(result.read_text())
     return {**record, "summary": {"rows": record["rows"]}}
 
 
@@ -243,6 +255,13 @@ def main() -> None:
     ap.add_argument("--videos", type=int, default=24, help="synthetic dataset size")
     ap.add_argument("--stream-clips", type=int, default=8, help="clips the streaming stage runs")
     ap.add_argument(
+        "--stream-frames",
+        type=int,
+        default=32,
+        help="streaming: each clip's first N frames (0: all)",
+    )
+    ap.add_argument("--stream-repeats", type=int, default=2, help="streaming: timed rounds")
+    ap.add_argument(
         "--fit-probes",
         type=Path,
         help="fit: the probe log to go on from (default WORK/fit_probes.jsonl)",
@@ -255,6 +274,7 @@ def main() -> None:
     if a.dry_run:  # verify: more steps than fit (~0.4 s each here), so it stops at --verify-seconds
         a.verify_steps, a.verify_seconds = 1000, a.verify_seconds or 25.0
         a.max_micro, a.throughput_steps, a.stream_clips = 4, 4, 2
+        a.stream_frames, a.stream_repeats = 0, 1
     work = a.work or ROOT / ("runs/gpu-bench-dry" if a.dry_run else "runs/gpu-bench")
     out = a.out or (work / "results" if a.dry_run else None)
     start = time.perf_counter()

@@ -6,7 +6,9 @@
 Streams the same clips with ``batch_size`` 1, 2, 4, ... (one clip per batch row, a freed row
 takes the next clip) and reports frames/s and the speed-up over batch 1 measured in the same run:
 after an untimed warm-up, ``--repeats`` rounds with the sizes interleaved (order reversed each
-round), the median per size.
+round), the median per size. The JSON is written after every timed pass (``complete`` says
+whether all ran: a run cut short keeps what it measured), and the log says where the time went.
+``--max-frames`` streams each clip's first frames only (a GPU lease's minutes).
 It also checks that batching does not change what the model does: the share of frames whose
 response, DST text and tracked state equal batch 1's.
 """
@@ -14,6 +16,7 @@ response, DST text and tracked state equal batch 1's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -64,11 +67,17 @@ def random_model(arch: Path, data: Path, folder: Path, dtype: str = "fp32") -> P
     return folder
 
 
-def jobs_for(data: Path, split: str, processor, clips: int) -> list[StreamJob]:
+def jobs_for(data: Path, split: str, processor, clips: int, max_frames: int = 0) -> list[StreamJob]:
+    """The first ``clips`` clips of ``split``, each cut to its first ``max_frames`` frames (0:
+    whole)."""
     source = FramePixels(data, processor)
     dst_dir = DatasetPaths.from_root(data).dst_dir
     jobs = []
     for labels in load_split(data, split)[:clips]:
+        if max_frames:
+            c = labels.clip
+            end = min(c.end_frame_idx, c.start_frame_idx + max_frames)
+            labels = dataclasses.replace(labels, clip=dataclasses.replace(c, end_frame_idx=end))
         tsv = dst_path(dst_dir, labels.clip.video_uid) if dst_dir else None
         tree = load_dst_tsv(tsv) if tsv is not None and tsv.is_file() else None
 
@@ -77,6 +86,34 @@ def jobs_for(data: Path, split: str, processor, clips: int) -> list[StreamJob]:
 
         jobs.append(StreamJob(labels, tree, frames))
     return jobs
+
+
+def rows_of(jobs: list[StreamJob], sizes: list[int], seconds: dict, outputs: dict) -> list[dict]:
+    """One row per batch size timed so far: the median of its passes, and how its traces
+    compare with batch 1's (None until batch 1 has run)."""
+    frames = sum(j.labels.clip.end_frame_idx - j.labels.clip.start_frame_idx for j in jobs)
+    base = sizes[0]
+    base_dt = statistics.median(seconds[base]) if seconds[base] else None
+    rows = []
+    for batch in (b for b in sizes if seconds[b]):
+        dt, flat = statistics.median(seconds[batch]), outputs[batch]
+        same_share = None
+        if base in outputs:
+            same_share = sum(map(same, flat, outputs[base])) / len(flat)
+        rows.append(
+            {
+                "batch_size": batch,
+                "clips": len(jobs),
+                "frames": frames,
+                "seconds": dt,
+                "frames_per_s": frames / dt,
+                "speedup_over_batch1": base_dt / dt if base_dt else None,
+                "responses": sum(bool(t.response) for t in flat),
+                "dst_updates": sum(bool(t.dst_text) for t in flat),
+                "same_as_batch1": same_share,
+            }
+        )
+    return rows
 
 
 def same(a, b) -> bool:
@@ -102,10 +139,18 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     p.add_argument("--name", help="result file name (default streaming[_smoke])")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per size (median kept)")
+    p.add_argument(
+        "--max-frames", type=int, default=0, help="stream each clip's first N frames (0: all)"
+    )
     args = p.parse_args()
     from dst_train.eval.evaluate import inference_device
     from dst_train.model.dst_model import DSTModel
     from dst_train.model.precision import DTYPES
+
+    clock = time.perf_counter()
+
+    def progress(what: str) -> None:  # the log says where the time went (a stage may time out)
+        print(f"{time.perf_counter() - clock:7.1f} s  {what}", flush=True)
 
     tmp = tempfile.TemporaryDirectory()
     if args.smoke:
@@ -117,6 +162,7 @@ def main() -> None:
         model_dir = Path(args.model or "runs/demo/hf")
         if args.random_arch:
             model_dir = random_model(args.random_arch, data, Path(tmp.name) / "hf", args.dtype)
+    progress(f"model folder ready: {model_dir}")
     torch.manual_seed(0)
     device = inference_device(args.device)
     model = DSTModel.from_pretrained(model_dir, dtype=DTYPES[args.dtype]).to(device).eval()
@@ -133,12 +179,15 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         device=device,
     )
-    jobs = jobs_for(data, args.split, load_image_processor(str(model_dir)), args.clips)
-    frames = sum(j.labels.clip.end_frame_idx - j.labels.clip.start_frame_idx for j in jobs)
+    processor = load_image_processor(str(model_dir))
+    jobs = jobs_for(data, args.split, processor, args.clips, args.max_frames)
+    progress(f"model on {device}; {len(jobs)} clips")
     sizes = [int(b) for b in args.batches.split(",")]
     assistant.run_many(jobs[:1], batch_size=1)  # warm-up: kernels, allocator, caches (untimed)
+    progress("warm-up clip streamed")
     seconds = {b: [] for b in sizes}
     outputs = {}
+    name = args.name or ("streaming_smoke" if args.smoke else "streaming")
     for r in range(args.repeats):  # interleaved, the order reversed every round: drift in
         for batch in sizes if r % 2 == 0 else sizes[::-1]:  # clocks or heat hits all sizes
             t0 = time.perf_counter()
@@ -147,39 +196,26 @@ def main() -> None:
                 torch.cuda.synchronize(device)
             seconds[batch].append(time.perf_counter() - t0)
             outputs[batch] = [t for clip in traces for t in clip]
-    base_flat, base_dt = outputs[sizes[0]], statistics.median(seconds[sizes[0]])
-    rows = []
-    for batch in sizes:
-        dt, flat = statistics.median(seconds[batch]), outputs[batch]
-        rows.append(
-            {
-                "batch_size": batch,
-                "clips": len(jobs),
-                "frames": frames,
-                "seconds": dt,
-                "frames_per_s": frames / dt,
-                "speedup_over_batch1": base_dt / dt,
-                "responses": sum(bool(t.response) for t in flat),
-                "dst_updates": sum(bool(t.dst_text) for t in flat),
-                "same_as_batch1": sum(map(same, flat, base_flat)) / len(flat),
-            }
-        )
-    cols = list(rows[0])
-    print(table(rows, cols))
-    name = args.name or ("streaming_smoke" if args.smoke else "streaming")
-    print(
-        write_result(
-            name,
-            {
-                "model": str(model_dir),
-                "split": args.split,
-                "ran_on": str(device),  # "device" is the machine (common.environment)
-                "dtype": args.dtype,
-                "rows": rows,
-            },
-            args.out,
-        )
-    )
+            progress(f"round {r + 1}/{args.repeats}, batch {batch}: {seconds[batch][-1]:.1f} s")
+            # written after every timed pass: a run cut short keeps the passes that ran
+            rows = rows_of(jobs, sizes, seconds, outputs)
+            done = r == args.repeats - 1 and len(rows) == len(sizes)
+            path = write_result(
+                name,
+                {
+                    "model": str(model_dir),
+                    "split": args.split,
+                    "ran_on": str(device),  # "device" is the machine (common.environment)
+                    "dtype": args.dtype,
+                    "max_frames": args.max_frames,
+                    "rounds_done": r + int(done),
+                    "complete": done,
+                    "rows": rows,
+                },
+                args.out,
+            )
+    print(table(rows, list(rows[0])))
+    print(path)
     tmp.cleanup()
 
 

@@ -140,12 +140,14 @@ def test_frame_pixels_smoke(tmp_path):
 
 
 def test_streaming_smoke(tmp_path):
-    out = _run("streaming.py", tmp_path)
+    out = _run("streaming.py", tmp_path, "--max-frames", "40")
     assert "speedup_over_batch1" in out
     result = json.loads((tmp_path / "streaming_smoke.json").read_text())
+    assert result["complete"] and result["rounds_done"] == 2
     one, batched = result["rows"]
     assert one["batch_size"] == 1 and batched["batch_size"] > 1
-    assert one["frames"] == batched["frames"] > 0 and one["dst_updates"] > 0
+    assert one["frames"] == batched["frames"] == 4 * 40  # 4 clips of > 40 frames, cut at 40
+    assert one["dst_updates"] > 0
     assert batched["same_as_batch1"] == 1.0  # batching does not change the traces
 
 
@@ -282,3 +284,25 @@ def test_a_fit_stage_past_its_deadline_records_the_probes_that_ran(tmp_path, mon
     record = gpu_bench.stage_fit(a, tmp_path, {}, 300.0, 14)
     assert record["summary"]["probes"] == [{"role": "ours_probe", "micro": 14, "oom": False}]
     assert "probe at 28" in record["summary"]["error"]
+
+
+def test_a_streaming_stage_past_its_deadline_keeps_the_passes_that_ran(tmp_path, monkeypatch):
+    import argparse
+
+    from benchmarks import gpu_bench
+
+    stale = tmp_path / "results" / "streaming.json"
+    stale.parent.mkdir()
+    stale.write_text(json.dumps({"rows": ["an earlier run's"], "complete": True}))
+
+    def cut_short(cmd, timeout, log):
+        assert not stale.exists()  # an earlier run's record is not taken for this one's
+        rows = [{"batch_size": 1, "frames_per_s": 3.0}]
+        stale.write_text(json.dumps({"rows": rows, "complete": False, "rounds_done": 0}))
+        raise gpu_bench.StageTimeout("past its 270 s: ...\n  250.0 s  round 1/2, batch 8")
+
+    monkeypatch.setattr(gpu_bench, "_run", cut_short)
+    a = argparse.Namespace(dry_run=False, stream_clips=8, stream_frames=32, stream_repeats=2)
+    record = gpu_bench.stage_streaming(a, tmp_path, {"model": "m", "data": "d"}, 270.0)
+    assert record["summary"]["rows"] == [{"batch_size": 1, "frames_per_s": 3.0}]
+    assert record["complete"] is False and "round 1/2, batch 8" in record["summary"]["error"]
