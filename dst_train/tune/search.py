@@ -150,20 +150,33 @@ def search_from(
     measure: Callable[[int], Probe], limit_bytes: int, start: int, max_micro: int = 4096
 ) -> SearchResult:
     """Largest micro-batch ≤ ``max_micro`` under the limit, searched from a size ``start`` known
-    to be near the answer (a benchmark comparing two stacks near the autotuner's size): steps of
-    1, 2, 4, … away from ``start`` until a size that fits and a larger one that does not bracket
-    the answer, then bisection. Two probes when ``start`` is the answer."""
+    to be near the answer (a benchmark comparing two stacks near the autotuner's size). Going
+    up from a size that fits: the next size, then the size the line through the fitting peaks
+    predicts (``_line_step``), until a size that fits and a larger one that does not bracket the
+    answer; going down from one that does not: steps of 1, 2, 4, …; then bisection. Two probes
+    when ``start`` is the answer, four when the line is right."""
     result = SearchResult(0, limit_bytes)
     fits = _recorded(measure, result)
     start = max(1, min(start, max_micro))
     lo, hi, step = (start, None, 1) if fits(start) else (0, start, 1)
     while hi is None and lo < max_micro:  # going up from a size that fits
-        b = min(lo + step, max_micro)
-        lo, hi, step = (b, None, 2 * step) if fits(b) else (lo, b, step)
+        b = min(lo + _line_step(result, lo), max_micro)
+        lo, hi = (b, None) if fits(b) else (lo, b)
     while lo == 0 and hi > 1:  # going down from a size that does not
         b = max(hi - step, 1)
         lo, hi, step = (b, hi, step) if fits(b) else (0, b, 2 * step)
     return _bisected(result, fits, lo, hi or max_micro + 1)
+
+
+def _line_step(result: SearchResult, lo: int) -> int:
+    """How far above ``lo`` (the largest size that fits so far) the line through the fitting
+    probes' peaks reaches the limit; 1 until two sizes have fit, or when the line is flat."""
+    good = [p for p in result.probes if p.fits(result.limit_bytes)]
+    slope = _slope(good, None)
+    if len(good) < 2 or slope <= 0:
+        return 1
+    peak = next(p.peak_bytes for p in good if p.micro_batch == lo)
+    return max(1, math.floor((result.limit_bytes - peak) / slope))
 
 
 def _recorded(measure: Callable[[int], Probe], result: SearchResult) -> Callable[[int], bool]:

@@ -163,7 +163,21 @@ def test_a_search_from_a_known_size_says_when_nothing_fits_or_caps():
         search_from(curve(linear(23 * GiB, 1 * GiB)), LIMIT, 6)
     assert [p.micro_batch for p in err.value.result.probes] == [6, 5, 3, 1]
     r = search_from(curve(linear(1 * GiB, 0.01 * GiB)), LIMIT, 6, max_micro=16)
-    assert r.micro_batch == 16 and [p.micro_batch for p in r.probes] == [6, 7, 9, 13, 16]
+    assert r.micro_batch == 16 and [p.micro_batch for p in r.probes] == [6, 7, 16]
+
+
+def test_a_search_from_a_size_far_below_the_answer_follows_the_line():
+    """Each fit probe is a fresh 2.2B process (~1 min): from 14 to an answer of 22, steps of
+    1, 2, 4, 8 and bisection took 8 probes (14 15 17 21 29 25 23 22) where the line through the
+    first two says where to look: the size it predicts, then one past it."""
+    peak = linear(16 * GiB, 0.25 * GiB)  # 22 is the largest under the limit
+    r = search_from(curve(peak), LIMIT, 14, max_micro=64)
+    check(r, peak)
+    assert [p.micro_batch for p in r.probes] == [14, 15, 22, 23]
+    jumped = jump(16 * GiB, 0.25 * GiB, at=20, extra=2 * GiB)  # the line overshoots: 19
+    r = search_from(curve(jumped), LIMIT, 14, max_micro=64)
+    check(r, jumped)
+    assert r.micro_batch == 19 and len(r.probes) <= 6
 
 
 def test_accumulation_keeps_the_global_batch():
