@@ -53,13 +53,17 @@ gpu-bench: $(STAMP)
 
 # What a lent GPU machine's image lacks (it reaches no registry): CPython 3.12 wheels into .whl/
 # (git-ignored), which the device tool carries; benchmarks/gpu_lease.sh installs them there.
-GPU_WHEELS ?= transformers==5.23.0 peft==0.21.2 deepspeed==0.19.8 datasets==5.2.0 hjson==3.1.0 \
+# DeepSpeed is published as a source archive only: its wheel (pure Python) is built here, against
+# this venv's torch.
+GPU_WHEELS ?= transformers==5.23.0 peft==0.21.2 datasets==5.2.0 hjson==3.1.0 \
   pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 \
   typing_extensions==4.16.0 dill==0.4.1 multiprocess==0.70.19
+GPU_SOURCE_WHEELS ?= deepspeed==0.19.8
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --abi cp312 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux_2_28_x86_64 -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl $(GPU_SOURCE_WHEELS)
 
 # Mutation testing (tools/mutation.py; not part of `make test`): a coverage pass of the suite, then
 # a seeded sample of mutants per package, each against the tests that run its line. ~1-2 h on 2 cores.
