@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,11 +187,11 @@ def stage_script(a, script: str, name: str, work: Path, paths: dict, timeout: fl
     return {**record, "summary": summary}
 
 
-def stage_fit(a, work: Path, paths: dict, timeout: float, size: int) -> dict:
+def stage_fit(a, work: Path, paths: dict, timeout: float, size: int, out: Path | None) -> dict:
     """throughput.py's fit searches, a bracket around the throughput size. Its probes go to
     ``--fit-probes`` as they end: a stage cut short by its deadline records the probes that
-    ran, and a rerun (the same work folder on a warm machine, or the log carried in) goes on
-    from them."""
+    ran, and a rerun (the same work folder on a warm machine, or the log carried in from a
+    lease's ``OUT/gpu_fit_probes.jsonl``) goes on from them."""
     cap = size if a.dry_run else max(32, 2 * size)
     log = a.fit_probes or work / "fit_probes.jsonl"
     extra = ["--fit-only", "--fit-from", str(size), "--max-micro", str(cap)]
@@ -201,6 +202,10 @@ def stage_fit(a, work: Path, paths: dict, timeout: float, size: int) -> dict:
         probes = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
         summary = {"error": str(e)[-2000:], "probes": probes}
         return {"error": str(e)[-4000:], "probes": probes, "summary": summary}
+    finally:
+        if log.exists() and out is not None:  # it comes back from a lease beside the records
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log, out / "gpu_fit_probes.jsonl")
 
 
 def stage_streaming(a, work: Path, paths: dict, timeout: float) -> dict:
@@ -304,7 +309,7 @@ def main() -> None:
                 extra += ["--steps", str(a.throughput_steps), "--warmup", "3"]
                 record = stage_script(a, "throughput.py", "throughput", work, paths, left, extra)
             elif stage == "fit":
-                record = stage_fit(a, work, paths, left, size)
+                record = stage_fit(a, work, paths, left, size, out)
             elif stage == "streaming":
                 record = stage_streaming(a, work, paths, left)
             elif stage == "bench":

@@ -281,8 +281,10 @@ def test_a_fit_stage_past_its_deadline_records_the_probes_that_ran(tmp_path, mon
 
     monkeypatch.setattr(gpu_bench, "stage_script", cut_short)
     a = argparse.Namespace(dry_run=False, fit_probes=None)
-    record = gpu_bench.stage_fit(a, tmp_path, {}, 300.0, 14)
+    record = gpu_bench.stage_fit(a, tmp_path, {}, 300.0, 14, tmp_path / "out")
     assert record["summary"]["probes"] == [{"role": "ours_probe", "micro": 14, "oom": False}]
+    back = (tmp_path / "out" / "gpu_fit_probes.jsonl").read_text()  # for a later lease to go on
+    assert back == (tmp_path / "fit_probes.jsonl").read_text()
     assert "probe at 28" in record["summary"]["error"]
 
 
