@@ -190,10 +190,13 @@ def stage_script(a, script: str, name: str, work: Path, paths: dict, timeout: fl
 def stage_fit(a, work: Path, paths: dict, timeout: float, size: int, out: Path | None) -> dict:
     """throughput.py's fit searches, a bracket around the throughput size. Its probes go to
     ``--fit-probes`` as they end: a stage cut short by its deadline records the probes that
-    ran, and a rerun (the same work folder on a warm machine, or the log carried in from a
-    lease's ``OUT/gpu_fit_probes.jsonl``) goes on from them."""
+    ran, and a rerun goes on from them: ``--fit-resume`` (the same work folder on a warm
+    machine) or ``--fit-probes`` (a log carried in from a lease's ``OUT/gpu_fit_probes.jsonl``).
+    Otherwise the work folder's log is an earlier run's, perhaps of other code: it is cleared."""
     cap = size if a.dry_run else max(32, 2 * size)
     log = a.fit_probes or work / "fit_probes.jsonl"
+    if a.fit_probes is None and not a.fit_resume:
+        log.unlink(missing_ok=True)
     extra = ["--fit-only", "--fit-from", str(size), "--max-micro", str(cap)]
     extra += ["--fit-probes", str(log)]
     try:
@@ -270,6 +273,11 @@ def main() -> None:
         "--fit-probes",
         type=Path,
         help="fit: the probe log to go on from (default WORK/fit_probes.jsonl)",
+    )
+    ap.add_argument(
+        "--fit-resume",
+        action="store_true",
+        help="fit: go on from WORK/fit_probes.jsonl (an earlier command on the same machine)",
     )
     ap.add_argument("--deadline-s", type=float, default=2400.0, help="whole run, seconds")
     ap.add_argument("--min-stage-s", type=float, default=90.0)

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.autotune_bench import gpu_overrides, smoke_overrides  # noqa: E402
-from benchmarks.common import table, write_result  # noqa: E402
+from benchmarks.common import environment, table, write_result  # noqa: E402
 from dst_train.engine.trainer import exit_with_result  # noqa: E402
 from dst_train.model.info import step_flops  # noqa: E402
 
@@ -491,8 +491,17 @@ def main() -> None:
 
 
 def _setting(args) -> dict:
-    """What a fit probe's peak depends on besides the stack and the micro-batch."""
-    return {"arch": args.arch, "data": args.data, "config": args.config, "limit": args.limit_bytes}
+    """What a fit probe's peak depends on besides the stack and the micro-batch (the code
+    itself aside: a probe log is for going on with one run, not a cache across changes)."""
+    env = environment()
+    return {
+        "arch": args.arch,
+        "data": args.data,
+        "config": args.config,
+        "limit": args.limit_bytes,
+        "gpu": env["device"].get("gpu"),
+        "versions": env["versions"],
+    }
 
 
 def fit_limit(args, rows: list[dict]) -> int:

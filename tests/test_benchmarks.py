@@ -276,11 +276,13 @@ def test_a_fit_stage_past_its_deadline_records_the_probes_that_ran(tmp_path, mon
 
     def cut_short(a, script, name, work, paths, timeout, extra):
         log = Path(extra[extra.index("--fit-probes") + 1])
-        log.write_text(json.dumps({"role": "ours_probe", "micro": 14, "oom": False}) + "\n")
+        with log.open("a") as f:
+            f.write(json.dumps({"role": "ours_probe", "micro": 14, "oom": False}) + "\n")
         raise gpu_bench.StageTimeout("past its 300 s: ...\nprobe at 28")
 
     monkeypatch.setattr(gpu_bench, "stage_script", cut_short)
-    a = argparse.Namespace(dry_run=False, fit_probes=None)
+    (tmp_path / "fit_probes.jsonl").write_text('{"an earlier run": 1}\n')  # cleared: no resume
+    a = argparse.Namespace(dry_run=False, fit_probes=None, fit_resume=False)
     record = gpu_bench.stage_fit(a, tmp_path, {}, 300.0, 14, tmp_path / "out")
     assert record["summary"]["probes"] == [{"role": "ours_probe", "micro": 14, "oom": False}]
     back = (tmp_path / "out" / "gpu_fit_probes.jsonl").read_text()  # for a later lease to go on
