@@ -143,9 +143,9 @@ def main() -> None:
         "--max-frames", type=int, default=0, help="stream each clip's first N frames (0: all)"
     )
     args = p.parse_args()
-    from dst_train.eval.evaluate import inference_device
     from dst_train.model.dst_model import DSTModel
     from dst_train.model.precision import DTYPES
+    from dst_train.ranks import inference_device
 
     clock = time.perf_counter()
 

@@ -239,11 +239,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dst_train.data.dst_tree import DSTFormatError
     from dst_train.data.proassist import DataFormatError
     from dst_train.data.sequence import SequenceTooLong
-    from dst_train.eval.evaluate import StaleTraces, evaluate, inference_device
+    from dst_train.eval.evaluate import StaleTraces, evaluate
     from dst_train.eval.mpnet import EmbeddingModelError
     from dst_train.eval.report import table
     from dst_train.infer.stream import ContextTooSmall
-    from dst_train.ranks import Ranks
+    from dst_train.ranks import Ranks, inference_device
 
     if args.stream_batch < 1:
         print(f"error: --stream-batch {args.stream_batch}: need at least 1", file=sys.stderr)

@@ -20,6 +20,19 @@ import torch
 GATHER_TIMEOUT = datetime.timedelta(days=7)
 
 
+def inference_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` = this process's GPU (the first, or the ``local_rank``-th when a launcher started
+    one process per GPU) when one is visible, else the CPU; ``cuda`` = this process's GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)  # raises RuntimeError on a malformed name
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is visible")
+    return dev
+
+
 class Ranks:
     """This process's place among the job's processes (a context manager: it joins the
     group on entry and leaves it on exit)."""
@@ -67,6 +80,14 @@ class Ranks:
         out = [None] * self.world
         torch.distributed.all_gather_object(out, obj)
         return out
+
+    def device(self, name: str = "auto") -> torch.device:
+        """Where this process computes (``inference_device`` with its local rank); a GPU is also
+        made the current device, so what a library makes on "cuda" lands on this process's."""
+        dev = inference_device(name, self.local_rank)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return dev
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -33,19 +33,6 @@ THRESHOLDS = [round(x, 2) for x in np.arange(0.05, 0.96, 0.05)]
 CPU = torch.device("cpu")
 
 
-def inference_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` = this process's GPU (the first, or the ``local_rank``-th when a launcher started
-    one process per GPU) when one is visible, else the CPU; ``cuda`` = this process's GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{local_rank}"
-    dev = torch.device(device)  # raises RuntimeError on a malformed name
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA GPU is visible")
-    return dev
-
-
 def load_models(
     model_dir: Path,
     baseline: bool,
@@ -368,9 +355,7 @@ def evaluate(
     model_dir, data_root = check_model_folder(model_dir), Path(data_root)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-    dev = inference_device(device, ranks.local_rank)
-    if dev.type == "cuda":  # what a library makes on "cuda" lands on this process's GPU too
-        torch.cuda.set_device(dev)
+    dev = ranks.device(device)
     paths = DatasetPaths.from_root(data_root)
     for name in (split, val_split):
         paths.split_file(name)

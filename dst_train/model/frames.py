@@ -233,7 +233,7 @@ def cache_dataset_features(
     if not cfg.model.freeze_vision:
         raise ValueError("a feature cache needs a frozen vision tower (model.freeze_vision=true)")
     ranks = ranks or Ranks()
-    device = torch.device("cuda", ranks.local_rank) if torch.cuda.is_available() else "cpu"
+    device = ranks.device("auto")
     model = build_model(cfg.model, cfg.head_config(), resolve_precision(cfg.model)).to(device)
     model.eval()
     processor = load_image_processor(cfg.model.arch)

@@ -230,12 +230,16 @@ def test_the_decoding_limit_is_a_quarter_longer_than_the_longest_reference_turn(
 def test_each_process_of_a_launched_evaluation_takes_its_own_gpu(monkeypatch):
     import torch
 
-    from dst_train.eval.evaluate import inference_device
+    from dst_train.ranks import Ranks, inference_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with GPUs
     for asked in ("auto", "cuda"):  # the LOCAL_RANK-th GPU
         assert inference_device(asked, local_rank=1) == torch.device("cuda", 1)
     assert inference_device("cuda:0", local_rank=1) == torch.device("cuda", 0)  # as named
     assert inference_device("cpu", local_rank=1) == torch.device("cpu")
+    # evaluate and cache-features compute where Ranks.device says, and make it the current GPU
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert Ranks(1, 2, local_rank=1).device() == torch.device("cuda", 1) == current[0]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert inference_device("auto", local_rank=1) == torch.device("cpu")
