@@ -9,6 +9,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from dst_train.atomic_io import write_text_atomic
+
 RESULTS = Path(__file__).parent / "results"
 PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "pyarrow", "peft", "numpy")
 
@@ -66,9 +68,25 @@ def _fmt(v) -> str:
 
 
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
-    """Write ``payload`` + environment to ``benchmarks/results/<name>.json``."""
+    """Write ``payload`` + environment to ``benchmarks/results/<name>.json``, atomically: a run
+    killed while writing (a GPU stage past its deadline) leaves the previous record whole."""
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps({"benchmark": name, **environment(), **payload}, indent=2) + "\n")
+    text = json.dumps({"benchmark": name, **environment(), **payload}, indent=2) + "\n"
+    write_text_atomic(path, text)
     return path
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log appended to as things end (the fit probes); a line a kill
+    cut short is skipped, [] when there is no file."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # blank, or torn by a kill mid-write
+    return rows

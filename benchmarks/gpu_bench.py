@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import read_json_lines, write_result  # noqa: E402
 
 STAGES = ("autotune", "verify", "throughput", "fit", "bench", "streaming")
 GiB = 2**30
@@ -202,7 +202,7 @@ def stage_fit(a, work: Path, paths: dict, timeout: float, size: int, out: Path |
     try:
         return stage_script(a, "throughput.py", "fit", work, paths, timeout, extra)
     except StageTimeout as e:
-        probes = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+        probes = read_json_lines(log)
         summary = {"error": str(e)[-2000:], "probes": probes}
         return {"error": str(e)[-4000:], "probes": probes, "summary": summary}
     finally:

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.autotune_bench import gpu_overrides, smoke_overrides  # noqa: E402
-from benchmarks.common import environment, table, write_result  # noqa: E402
+from benchmarks.common import environment, read_json_lines, table, write_result  # noqa: E402
 from dst_train.engine.trainer import exit_with_result  # noqa: E402
 from dst_train.model.info import step_flops  # noqa: E402
 
@@ -378,10 +378,8 @@ class ProbeLog:
 
     def probes(self) -> list[dict]:
         """This setting's probes in the file, in the order they ran."""
-        if self.path is None or not self.path.exists():
-            return []
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        return [r for r in rows if r["setting"] == self.setting]
+        rows = read_json_lines(self.path) if self.path is not None else []
+        return [r for r in rows if r.get("setting") == self.setting]
 
     def measure(self, role: str, micro: int, spawn) -> dict:
         """The probe of ``role`` at ``micro``: from the file, else ``spawn(micro)``, recorded."""
@@ -392,8 +390,11 @@ class ProbeLog:
         r = {"role": role, "micro": micro, **spawn(micro), "setting": self.setting}
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # a line a kill cut short is ended first, so this one starts a line of its own
+            before = self.path.read_bytes() if self.path.exists() else b""
+            torn = before and not before.endswith(b"\n")
             with self.path.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+                f.write(("\n" if torn else "") + json.dumps(r) + "\n")
         self.taken.append(r)
         return r
 

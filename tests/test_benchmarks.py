@@ -256,6 +256,8 @@ def test_the_fit_searches_record_each_probe_and_a_rerun_measures_only_the_missin
     log = ProbeLog(path, {"arch": "a", "limit_bytes": 800})
     assert [log.measure("ours", b, spawn)["peak_bytes"] for b in (4, 9)] == [400, 900]
     assert len(path.read_text().splitlines()) == 2  # written as they ended
+    with path.open("a") as f:
+        f.write('{"role": "ours", "mic')  # a probe's line a kill cut short: skipped
     again = ProbeLog(path, {"arch": "a", "limit_bytes": 800})
     assert again.measure("ours", 9, spawn)["oom"] is True
     assert again.measure("hf", 9, spawn)["oom"] is True  # another stack: measured
@@ -278,6 +280,7 @@ def test_a_fit_stage_past_its_deadline_records_the_probes_that_ran(tmp_path, mon
         log = Path(extra[extra.index("--fit-probes") + 1])
         with log.open("a") as f:
             f.write(json.dumps({"role": "ours_probe", "micro": 14, "oom": False}) + "\n")
+            f.write('{"role": "ours_probe", "mi')  # the probe at 28, cut short mid-write
         raise gpu_bench.StageTimeout("past its 300 s: ...\nprobe at 28")
 
     monkeypatch.setattr(gpu_bench, "stage_script", cut_short)
