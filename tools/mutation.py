@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import RESULTS, environment, table  # noqa: E402
 
-PACKAGES = ("data", "model", "engine", "eval", "tune", "infer")
+PACKAGES = ("data", "model", "engine", "eval", "tune", "infer", "top")
+TOP = "top"  # the modules directly in dst_train/ (config, cli, ranks, atomic_io)
 EQUIVALENT = ROOT / "tools" / "mutation_equivalent.txt"
 COVERAGE_RC = ROOT / "tools" / "mutation.coveragerc"
 
@@ -79,7 +80,8 @@ class Mutant:
 
     @property
     def package(self) -> str:
-        return Path(self.path).parts[1]
+        parts = Path(self.path).parts
+        return parts[1] if len(parts) > 2 else TOP
 
 
 class _Mutator(ast.NodeTransformer):
@@ -362,11 +364,16 @@ def load_equivalent() -> dict[str, str]:
     return out
 
 
+def package_files(tree: Path, package: str) -> list[Path]:
+    if package == TOP:
+        return sorted((tree / "dst_train").glob("*.py"))
+    return sorted((tree / "dst_train" / package).rglob("*.py"))
+
+
 def sample(packages: list[str], per_package: int, seed: int, tree: Path) -> list[Mutant]:
     chosen = []
     for package in packages:
-        every = [m for f in sorted((tree / "dst_train" / package).rglob("*.py"))
-                 for m in list_mutants(f, tree)]  # fmt: skip
+        every = [m for f in package_files(tree, package) for m in list_mutants(f, tree)]
         rng = random.Random(f"{seed}:{package}")
         picked = rng.sample(every, min(per_package, len(every)))
         chosen += sorted(picked, key=lambda m: (m.path, m.index))
@@ -411,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--add-coverage", nargs="+", default=None, metavar="TEST",
                         help="run these tests under coverage and add them to --workdir's pass "
                         "(tests written since), then mutate")  # fmt: skip
+    parser.add_argument("--coverage-tests", nargs="+", default=["tests"], metavar="TEST",
+                        help="the tests of the coverage pass (default: the whole suite)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=240.0,
                         help="seconds of (recorded) test time run per mutant")  # fmt: skip
     parser.add_argument("--only", nargs="*", default=None, help="run just these mutant keys")
@@ -420,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.add_coverage:
         run_coverage(args.workdir, args.add_coverage, append=True)
     elif not args.reuse_coverage:
-        run_coverage(args.workdir, ["tests"])
+        run_coverage(args.workdir, args.coverage_tests)
     by_file, durations = load_coverage(args.workdir)
     # the mutants come from the copy, so the working tree may change while they run
     copy = prepare_copy(args.workdir)
