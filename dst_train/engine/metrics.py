@@ -160,7 +160,7 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
     train = [r for r in rows if r["kind"] == "train"]
     val = [r for r in rows if r["kind"] == "eval"]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for key in ("loss", "speak_loss", "update_loss", "response_loss", "dst_loss"):
+    for key in LOSSES:
         ax.plot(
             [r["step"] for r in train],
             [r[key] for r in train],

@@ -61,6 +61,9 @@ def test_splits_are_disjoint_by_video(demo_root):
     assert sorted(set(many.values())) == sorted(SPLITS)
     assert sum(v == "train" for v in many.values()) == 70
     assert assign_splits([f"v{i}" for i in range(100)], seed=1) == many
+    # from 3 videos on, every split gets at least one; below that, all train
+    assert sorted(assign_splits(["a", "b", "c"]).values()) == ["test", "train", "val"]
+    assert set(assign_splits(["a", "b"]).values()) == {"train"}
 
 
 def test_make_demo_data_cli(tmp_path, capsys):

@@ -205,6 +205,11 @@ def test_zero3_decays_the_same_parameters_as_zero2(demo_root, tiny_model_dir, tm
     model = build_model(cfg.model, cfg.head_config(), Precision("fp32", "sdpa"))
     decayed = {id(p) for p in param_groups(model, 0.1)[0]["params"]}
     zero2 = sorted(n for n, p in model.named_parameters() if id(p) in decayed)
+    # matrices only: no bias, no norm weight (1-D) — and the model has both kinds trainable
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert all(p.dim() >= 2 and not n.endswith(".bias") for n, p in trainable if n in zero2)
+    assert any(p.dim() == 1 and not n.endswith(".bias") for n, p in trainable)
+    assert all(n in zero2 for n, p in trainable if p.dim() >= 2)
     env = {**os.environ, "MASTER_PORT": free_port()}
     proc = _python(ZERO3_DECAY_SCRIPT, env, *args, "train.ds_config=ds_configs/zero3.json")
     zero3 = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -236,6 +241,15 @@ def test_a_bad_option_is_an_error_line_before_anything_starts(override, message,
     assert main(["train", "--config", "/dev/null", "data.root=/nowhere", override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
+
+
+def test_the_ends_of_the_unit_ranges_are_valid_options():
+    from dst_train.config import load_config
+
+    for end in (0, 1):  # [0, 1] is closed: a constant lr (ratio 1), no dropout, alpha 0 or 1
+        keys = ("train.min_lr_ratio", "loss.focal_alpha", "model.lora_dropout")
+        cfg = load_config(None, [f"{k}={end}" for k in keys])
+        assert (cfg.train.min_lr_ratio, cfg.loss.focal_alpha, cfg.model.lora_dropout) == (end,) * 3
 
 
 def test_config_files_that_are_not_utf8_or_not_yaml_are_error_lines(tmp_path, capsys):
@@ -844,7 +858,20 @@ def test_a_metrics_lines_rates_cover_every_step_since_the_previous_line():
     }
     now[0] += 2.0  # the next line's window starts empty, at the previous line
     window.add(torch.tensor([1.0] * len(LOSSES) + [8.0, 2.0], dtype=torch.float64))
-    assert window.line(lambda x: x, micro_steps=1)["tokens_per_s"] == 4.0
+    second = window.line(lambda x: x, micro_steps=1)
+    assert (second["tokens_per_s"], second["step_time_s"]) == (4.0, 2.0)  # 1 step in 2 s
+
+
+def test_the_progress_bar_and_the_log_follow_the_steps_from_a_resumed_start(tmp_path):
+    from dst_train.engine.metrics import LOSSES, MetricsLogger
+
+    log = MetricsLogger(tmp_path, True, False, start_step=3, total=10, resumed=False)
+    for step in (5, 7):  # log_every 2 from step 3
+        log.train(step, {**dict.fromkeys(LOSSES, 1.0), "lr": 1e-3})
+        assert log.bar.n == step
+    log.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [("train", 5), ("train", 7)]
 
 
 class _MeanEngine(_LossEngine):
