@@ -46,13 +46,16 @@ def _build(args, micro: int, engine: bool = True):
     from dst_train.engine.trainer import init_distributed, prepare, setup
     from dst_train.tune.autotune import apply_emulation, emulate_target
 
+    started = time.perf_counter()
     cfg = load_config(args.config, json.loads(args.overrides))
     cfg.train.micro_batch_size, cfg.train.grad_accum = micro, 1
     cfg.train.global_batch_size = 0  # one micro-batch per step, whatever the recipe's global
     cfg.train.max_steps = args.steps
     init_distributed(cfg)
     apply_emulation(cfg, emulate_target(int(args.target_gb * GiB), 0, turing=True))
-    return cfg, (setup if engine else prepare)(cfg)
+    s = (setup if engine else prepare)(cfg)
+    s["build_s"] = time.perf_counter() - started  # model, data, loaders (and engine) made
+    return cfg, s
 
 
 def _sync() -> None:
@@ -174,12 +177,15 @@ def run_ours(args, micro: int, steps: int) -> dict:
     runner = MicroBatchRunner(s["engine"], counts, s["device"], False, micro, 1, 0, stop=stop)
     stream = (batch for _, _, batch in batches_forever(s["loader"], s["sampler"], 0, 0))
     clock = StepClock(args.warmup)
+    started = time.perf_counter()
     with PeakMemory(s["device"]) as mem:
         timed_steps(stream, lambda batch: runner.run_window([batch]), steps, clock)
     return {
+        "seconds": time.perf_counter() - started,  # every step, warm-up included
         **counts.rates(args.warmup, steps, clock, s["model"], cfg.model.tokens_per_frame),
         "peak_bytes": mem.peak_bytes,
         "trainable": _trainable(s["model"]),
+        "build_s": s["build_s"],
     }
 
 
@@ -316,6 +322,7 @@ def run_hf(args, micro: int, steps: int, worst_only: bool = False) -> dict:
         "peak_bytes": mem.peak_bytes,
         "oom": oom,
         "trainable": _trainable(model),
+        "build_s": s["build_s"],  # the Trainer builds its engine inside train(): in "seconds"
     }
 
 
@@ -334,7 +341,7 @@ def probe_ours_once(args, micro: int) -> dict:
         s["step_collate"],  # the trainer's
         s["device"],
     )
-    return asdict(prober(micro))
+    return {**asdict(prober(micro)), "build_s": s["build_s"]}
 
 
 def _spawn(role: str, args, **extra) -> dict:
@@ -359,11 +366,13 @@ def _spawn(role: str, args, **extra) -> dict:
         str(args.max_micro),
         *(["--config", args.config] if args.config else []),
     ]
+    started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
     if proc.returncode != 0:
         raise RuntimeError(f"{role} failed:\n{proc.stderr[-3000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+    # the child's whole life: imports and exit on top of its build_s and seconds
+    return {**json.loads(line[len("RESULT ") :]), "process_s": time.perf_counter() - started}
 
 
 class ProbeLog:
@@ -399,6 +408,11 @@ class ProbeLog:
         return r
 
 
+# what a fit probe keeps: its peak, and where its process's time went (the probe's steps,
+# the build before them, imports and exit around both) and how many steps fp16 skipped
+PROBE_KEYS = ("peak_bytes", "oom", "seconds", "build_s", "process_s", "steps", "real_steps")
+
+
 def largest_fit(args, role: str, log: ProbeLog) -> dict:
     """Largest micro-batch of one stack under the cap: the same search for both, every probe in
     a fresh process (a fresh engine and allocator; the Trainer cannot be rebuilt in place) —
@@ -408,7 +422,7 @@ def largest_fit(args, role: str, log: ProbeLog) -> dict:
 
     def spawn(micro: int) -> dict:
         r = _spawn(role, args, micro=micro)
-        return {k: r[k] for k in ("peak_bytes", "seconds", "oom")}
+        return {k: r[k] for k in PROBE_KEYS if k in r}
 
     def measure(b: int) -> Probe:
         r = log.measure(role, b, spawn)

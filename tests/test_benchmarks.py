@@ -88,6 +88,10 @@ def test_throughput_smoke(tmp_path):
     assert result["ratios"]["largest_micro_batch_ours_over_hf"] == fits["ours"] / fits["hf"]
     # the same batches in the same order, counted over the same steps: the same work timed
     assert ours["timed_tokens"] == hf["timed_tokens"] and ours["padding"] == hf["padding"]
+    # each run and probe says where its process's time went (a GPU probe takes about a minute)
+    for r in [ours, hf, *result["probes"]]:
+        assert 0 < r["build_s"] and r["build_s"] + r["seconds"] < r["process_s"], r
+    assert {p["role"] for p in result["probes"]} == {"ours_probe", "hf_worst"}
     # batch by batch, across epochs too (6 steps: 2 epochs)
     assert len(ours["batches"]) == 6 and ours["batches"] == hf["batches"]
 
