@@ -104,8 +104,7 @@ def search(
         if best.micro_batch >= upper:
             break
         slope = _slope(good, bad)
-        room = limit_bytes - best.peak_bytes
-        step = math.floor(room / slope) if slope > 0 else upper - best.micro_batch
+        step = _samples_to(limit_bytes, best, slope) if slope > 0 else upper - best.micro_batch
         if step < 1:
             break  # the line says the next size does not fit
         target = best.micro_batch + step
@@ -175,8 +174,14 @@ def _line_step(result: SearchResult, lo: int) -> int:
     slope = _slope(good, None)
     if len(good) < 2 or slope <= 0:
         return 1
-    peak = next(p.peak_bytes for p in good if p.micro_batch == lo)
-    return max(1, math.floor((result.limit_bytes - peak) / slope))
+    best = next(p for p in good if p.micro_batch == lo)
+    return max(1, _samples_to(result.limit_bytes, best, slope))
+
+
+def _samples_to(limit_bytes: int, best: Probe, slope: float) -> int:
+    """How many samples above ``best`` the line of ``slope`` (bytes a sample, > 0) through its
+    peak stays under ``limit_bytes`` (< 1: the next size is predicted not to fit)."""
+    return math.floor((limit_bytes - best.peak_bytes) / slope)
 
 
 def _recorded(measure: Callable[[int], Probe], result: SearchResult) -> Callable[[int], bool]:
