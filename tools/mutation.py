@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run these tests under coverage and add them to --workdir's pass "
                         "(tests written since), then mutate")  # fmt: skip
     parser.add_argument("--coverage-tests", nargs="+", default=["tests"], metavar="TEST",
-                        help="the tests of the coverage pass (default: the whole suite)")  # fmt: skip
+                        help="the coverage pass's tests (default: the whole suite)")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=240.0,
                         help="seconds of (recorded) test time run per mutant")  # fmt: skip
     parser.add_argument("--only", nargs="*", default=None, help="run just these mutant keys")

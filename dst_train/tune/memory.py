@@ -86,7 +86,8 @@ class PeakMemory:
             reserved_peak = cuda.max_memory_reserved(self.device)
             outside, source = 0, "none"  # a simulated allocator (tests) has no context
             if cuda is torch.cuda:
-                nvml = nvml_process_bytes(self.device.index or 0)
+                index = self.device.index
+                nvml = nvml_process_bytes(cuda.current_device() if index is None else index)
                 outside, source = outside_allocator(nvml, cuda.memory_reserved(self.device))
             self.peak_bytes = reserved_peak + outside
             self.detail = {

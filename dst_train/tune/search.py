@@ -157,10 +157,11 @@ def search_from(
     result = SearchResult(0, limit_bytes)
     fits = _recorded(measure, result)
     start = max(1, min(start, max_micro))
-    lo, hi, step = (start, None, 1) if fits(start) else (0, start, 1)
+    lo, hi = (start, None) if fits(start) else (0, start)
     while hi is None and lo < max_micro:  # going up from a size that fits
         b = min(lo + _line_step(result, lo), max_micro)
         lo, hi = (b, None) if fits(b) else (lo, b)
+    step = 1
     while lo == 0 and hi > 1:  # going down from a size that does not
         b = max(hi - step, 1)
         lo, hi, step = (b, hi, step) if fits(b) else (0, b, 2 * step)

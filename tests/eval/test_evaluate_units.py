@@ -243,3 +243,25 @@ def test_each_process_of_a_launched_evaluation_takes_its_own_gpu(monkeypatch):
     assert Ranks(1, 2, local_rank=1).device() == torch.device("cuda", 1) == current[0]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert inference_device("auto", local_rank=1) == torch.device("cpu")
+
+
+def test_the_report_table_has_a_column_per_model_and_na_where_a_metric_is_undefined():
+    from dst_train.eval.report import ROWS, table
+
+    trained = {k: 0.5 for k in ROWS} | {"speak_f1": 0.8125, "update_precision": None}
+    report = {
+        "metrics": trained,
+        "baseline_clips": 2,
+        "metrics_on_baseline_clips": {k: 0.25 for k in ROWS},
+        "baseline_metrics": {k: 0.0 for k in ROWS},
+    }
+    lines = table(report).splitlines()
+    assert lines[0] == (
+        "| metric | trained | trained, first 2 clips | untrained baseline, first 2 clips |"
+    )
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in lines[2:]}
+    assert list(rows) == list(ROWS)
+    assert rows["speak_f1"] == "| speak_f1 | 0.812 | 0.250 | 0.000 |"
+    assert rows["update_precision"] == "| update_precision | n/a | 0.250 | 0.000 |"
+    # without a baseline: one column
+    assert table({"metrics": trained}).splitlines()[0] == "| metric | trained |"

@@ -52,3 +52,13 @@ def test_rows_match_their_own_stream_through_restart_compaction_and_take(
     cache.put_back(sub, [0, 2])
     assert [cache.length(r) for r in range(3)] == [10, 1, 16]
     feed(cache, {0: 1, 1: 2, 2: 1})
+    assert [cache.length(r) for r in range(3)] == [11, 3, 17]
+
+    # a sub-cache that grew by one token (a single decoding step), or by none, comes back too
+    for grow in (1, 0):
+        sub = cache.take([1])
+        if grow:
+            feed(sub, {0: grow}, rows=(1,))
+        cache.put_back(sub, [1])
+    assert [cache.length(r) for r in range(3)] == [11, 4, 17]
+    feed(cache, {0: 1, 1: 1, 2: 1})

@@ -228,6 +228,27 @@ def test_real_architectures_build_on_meta_with_the_right_size():
     assert rows["zero0"] > rows["zero2"] > rows["zero2+offload"] > rows["zero3+offload"]
 
 
+def test_model_info_prints_the_numbers_of_its_json(capsys):
+    """The table a user reads: a row for each part that has parameters and for the whole model,
+    a row for each ZeRO strategy, the same numbers as ``--json``."""
+    import json
+
+    from dst_train.cli import main
+
+    assert main(["model-info", "--arch", "smolvlm2-256m", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert main(["model-info", "--arch", "smolvlm2-256m"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {ln.split()[0]: ln.split()[1:] for ln in lines if ln.strip()}
+    parts = info["parameters"]
+    assert parts["lora"]["total"] == 0 and "lora" not in rows  # no LoRA: no row
+    for part, c in parts.items():
+        if c["total"]:
+            assert rows[part] == [f"{c['total']:,}", f"{c['trainable']:,}"], part
+    for r in info["memory"]:
+        assert rows[r["strategy"]] == [f"{r['gpu_gib']:.2f}", f"{r['cpu_gib']:.2f}"]
+
+
 def test_precision_of_this_machine_is_cpu_safe():
     assert resolve_precision(ModelConfig(), capability=None).dtype == "fp32"
     assert resolve_precision(ModelConfig(), capability=(7, 5)).dtype == "fp16"

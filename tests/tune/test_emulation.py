@@ -177,3 +177,24 @@ def test_nvml_counts_this_process_only(monkeypatch):
     assert nvml_process_bytes(0) is None
     nvml.nvmlInit = lambda: 1 / 0  # NVML itself failing is never a reason to fail
     assert nvml_process_bytes(0) is None
+
+
+def test_a_gpu_peak_is_the_reserved_peak_plus_what_nvml_sees_beyond_it_on_that_gpu(monkeypatch):
+    # the CUDA path of PeakMemory, with torch.cuda's memory calls stood in for (no GPU here)
+    from dst_train.tune import memory
+
+    asked = []
+    monkeypatch.setattr(memory, "nvml_process_bytes", lambda i: asked.append(i) or 5 * GiB)
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    reads = {"max_memory_reserved": 4, "memory_reserved": 3, "max_memory_allocated": 2}
+    for name, gib in reads.items():
+        monkeypatch.setattr(torch.cuda, name, lambda d, gib=gib: gib * GiB)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    with memory.PeakMemory(torch.device("cuda", 2)) as m:
+        pass
+    assert m.peak_bytes == 4 * GiB + (5 - 3) * GiB and m.detail["outside_source"] == "nvml"
+    for device in (torch.device("cuda", 0), torch.device("cuda")):  # no index: the current GPU
+        with memory.PeakMemory(device):
+            pass
+    assert asked == [2, 0, 3]

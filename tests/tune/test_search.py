@@ -95,6 +95,11 @@ def test_nothing_fits():
     assert err.value.result.micro_batch == 0  # "nothing fits" in the report
     with pytest.raises(NothingFits):
         search(curve(linear(1 * GiB, 1 * GiB), oom_above=0), LIMIT)
+    # the baseline says so too, after the one probe
+    with pytest.raises(NothingFits) as err:
+        doubling_search(curve(linear(23 * GiB, 1 * GiB)), LIMIT)
+    assert [p.micro_batch for p in err.value.result.probes] == [1]
+    assert err.value.result.micro_batch == 0
 
 
 def test_max_micro_caps_the_answer():
