@@ -364,6 +364,13 @@ def load_equivalent() -> dict[str, str]:
     return out
 
 
+def stale_equivalents(equivalent: dict[str, str], tree: Path) -> list[str]:
+    """The entries of ``equivalent`` that name no mutant of ``tree``: keys hold line numbers,
+    so an edit above a listed line moves its mutant away from its entry."""
+    keys = {m.key for p in PACKAGES for f in package_files(tree, p) for m in list_mutants(f, tree)}
+    return [k for k in equivalent if k not in keys]
+
+
 def package_files(tree: Path, package: str) -> list[Path]:
     if package == TOP:
         return sorted((tree / "dst_train").glob("*.py"))
@@ -439,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         mutants = sample(args.packages.split(","), args.per_package, args.seed, copy)
     equivalent = load_equivalent()
+    for key in stale_equivalents(equivalent, copy):
+        print(f"warning: {EQUIVALENT.name} names no mutant {key!r}: move it", flush=True)
     existing = collect(copy)
     readers = existing - set().union(*(t for f in by_file.values() for t in f.values()))
     for n, mutant in enumerate(mutants, 1):
