@@ -93,6 +93,12 @@ class StageTimeout(RuntimeError):
     """A stage ran past its deadline; the message ends with its log's tail."""
 
 
+def timed_out(e: StageTimeout, kept: dict, summary: dict) -> dict:
+    """The record of a stage past its deadline: what it measured before (``kept``, and the
+    ``summary``'s part of it), with the error and its log's tail."""
+    return {**kept, "error": str(e)[-4000:], "summary": {"error": str(e)[-2000:], **summary}}
+
+
 def _run(cmd: list[str], timeout: float, log: Path) -> None:
     """Run ``cmd``; its output goes to ``log``; a failure raises with the log's tail. Past
     ``timeout`` the command is killed with every process it started (its own session: a fit
@@ -203,8 +209,7 @@ def stage_fit(a, work: Path, paths: dict, timeout: float, size: int, out: Path |
         return stage_script(a, "throughput.py", "fit", work, paths, timeout, extra)
     except StageTimeout as e:
         probes = read_json_lines(log)
-        summary = {"error": str(e)[-2000:], "probes": probes}
-        return {"error": str(e)[-4000:], "probes": probes, "summary": summary}
+        return timed_out(e, {"probes": probes}, {"probes": probes})
     finally:
         if log.exists() and out is not None:  # it comes back from a lease beside the records
             out.mkdir(parents=True, exist_ok=True)
@@ -229,8 +234,7 @@ def stage_streaming(a, work: Path, paths: dict, timeout: float) -> dict:
         _run(cmd, timeout, work / "streaming.log")
     except StageTimeout as e:
         record = json.loads(result.read_text()) if result.exists() else {"rows": []}
-        summary = {"error": str(e)[-2000:], "rows": record["rows"]}
-        return {**record, "error": str(e)[-4000:], "summary": summary}
+        return timed_out(e, record, {"rows": record["rows"]})
     record = json.loads(result.read_text())
     return {**record, "summary": {"rows": record["rows"]}}
 

@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import RESULTS, environment, table  # noqa: E402
 
-PACKAGES = ("data", "model", "engine", "eval", "tune", "infer", "top")
 TOP = "top"  # the modules directly in dst_train/ (config, cli, ranks, atomic_io)
+PACKAGES = ("data", "model", "engine", "eval", "tune", "infer", TOP)
 EQUIVALENT = ROOT / "tools" / "mutation_equivalent.txt"
 COVERAGE_RC = ROOT / "tools" / "mutation.coveragerc"
 
