@@ -166,14 +166,14 @@ def _trainable(model) -> int:
 def run_ours(args, micro: int, steps: int) -> dict:
     """Our loop (the trainer's own micro-step runner) for ``steps`` optimizer steps, on the
     batches of the run's length-grouped sampler (epoch 0)."""
-    from dst_train.engine.stop_request import StopRequest
+    from dst_train.engine.stop_request import StopRequest, host_group
     from dst_train.engine.trainer import MicroBatchRunner, batches_forever
     from dst_train.tune.memory import PeakMemory
 
     cfg, s = _build(args, micro)
     counts = BatchCounts(s["step_collate"])  # the trainer's
     # with the trainer's stop check before each micro-step (a collective on several ranks)
-    stop = StopRequest(s["device"], s["world"])
+    stop = StopRequest(s["world"], host_group(s["device"], s["world"]))
     runner = MicroBatchRunner(s["engine"], counts, s["device"], False, micro, 1, 0, stop=stop)
     stream = (batch for _, _, batch in batches_forever(s["loader"], s["sampler"], 0, 0))
     clock = StepClock(args.warmup)

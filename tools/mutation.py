@@ -2,6 +2,7 @@
 
     python tools/mutation.py                      # `make mutation`: coverage pass, then mutants
     python tools/mutation.py --per-package 40 --packages data,tune --reuse-coverage
+    python tools/mutation.py --per-package 6 --files dst_train/data/collate.py,dst_train/ranks.py
 
 How it works, and why this way (the suite takes ~20 min, so running all of it per mutant is out):
 1. One coverage pass of the whole suite records which test ran which line of ``dst_train``, also
@@ -10,6 +11,8 @@ How it works, and why this way (the suite takes ~20 min, so running all of it pe
    seconds are kept.
 2. Every mutant of the packages is listed (operators below), and a seeded sample of
    ``--per-package`` is drawn from each package, so one run takes about an hour on 2 cores.
+   ``--files`` draws from each named file instead: a package's big modules get most of its
+   sample, so its small ones (``atomic_io.py``: none in five samples) are reached this way.
 3. A sampled mutant on a line no test runs survives without running anything. Otherwise the source
    is mutated in a copy of the repository and the tests that ran that line are run there, fastest
    first, stopping at the first failure (``-x``): a failure or an error kills the mutant, a clean
@@ -377,14 +380,20 @@ def package_files(tree: Path, package: str) -> list[Path]:
     return sorted((tree / "dst_train" / package).rglob("*.py"))
 
 
-def sample(packages: list[str], per_package: int, seed: int, tree: Path) -> list[Mutant]:
+def sample(groups: list[str], per_group: int, seed: int, tree: Path) -> list[Mutant]:
+    """A seeded sample of ``per_group`` mutants from each group: a package name, or a file's path
+    relative to the root (``dst_train/data/collate.py``)."""
     chosen = []
-    for package in packages:
-        every = [m for f in package_files(tree, package) for m in list_mutants(f, tree)]
-        rng = random.Random(f"{seed}:{package}")
-        picked = rng.sample(every, min(per_package, len(every)))
+    for group in groups:
+        files = [tree / group] if group.endswith(".py") else package_files(tree, group)
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise SystemExit(f"--files: no such file {missing[0].relative_to(tree)}")
+        every = [m for f in files for m in list_mutants(f, tree)]
+        rng = random.Random(f"{seed}:{group}")
+        picked = rng.sample(every, min(per_group, len(every)))
         chosen += sorted(picked, key=lambda m: (m.path, m.index))
-        print(f"{package}: {len(every)} mutants, {len(picked)} sampled", flush=True)
+        print(f"{group}: {len(every)} mutants, {len(picked)} sampled", flush=True)
     return chosen
 
 
@@ -408,7 +417,8 @@ def write_results(args, mutants: list[Mutant], equivalent: dict, start: float) -
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "environment": environment(), "seconds": round(time.perf_counter() - start),
-        "per_package": args.per_package, "seed": args.seed, "budget_s": args.budget_s,
+        "per_package": args.per_package, "files": args.files, "seed": args.seed,
+        "budget_s": args.budget_s,
         "finished": len(done) == len(mutants), "scores": score(done, equivalent),
         "mutants": [asdict(m) | {"key": m.key} for m in mutants],
     }, indent=1) + "\n")  # fmt: skip
@@ -417,7 +427,11 @@ def write_results(args, mutants: list[Mutant], equivalent: dict, start: float) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packages", default=",".join(PACKAGES))
-    parser.add_argument("--per-package", type=int, default=30, help="mutants sampled per package")
+    parser.add_argument("--files", default=None,
+                        help="comma-separated files (from the root) sampled each on its own, "
+                        "instead of --packages")  # fmt: skip
+    parser.add_argument("--per-package", type=int, default=30,
+                        help="mutants sampled per package (per file with --files)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dst-mutation"))
     parser.add_argument("--reuse-coverage", action="store_true",
@@ -440,11 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     by_file, durations = load_coverage(args.workdir)
     # the mutants come from the copy, so the working tree may change while they run
     copy = prepare_copy(args.workdir)
+    groups = (args.files or args.packages).split(",")
     if args.only is not None:  # these mutants, sampled or not
-        every = sample(args.packages.split(","), 10**9, args.seed, copy)
+        every = sample(groups, 10**9, args.seed, copy)
         mutants = [m for m in every if m.key in set(args.only)]
     else:
-        mutants = sample(args.packages.split(","), args.per_package, args.seed, copy)
+        mutants = sample(groups, args.per_package, args.seed, copy)
     equivalent = load_equivalent()
     for key in stale_equivalents(equivalent, copy):
         print(f"warning: {EQUIVALENT.name} names no mutant {key!r}: move it", flush=True)

@@ -64,13 +64,13 @@ class StopRequest:
     """Signal handlers for the training loop (a context manager: installed on entry, the
     previous handlers restored on exit; main thread only, as Python's handlers are)."""
 
-    def __init__(self, device: torch.device, world: int = 1, group=None):
-        self.device, self.world = device, world
+    def __init__(self, world: int = 1, group=None):
+        """``group``: the process group the ranks' flags travel over, as CPU tensors
+        (``host_group`` gives it; None: the default group)."""
+        self.world, self._group = world, group
         self.signal: str | None = None  # the first signal's name
         self._previous: dict = {}
         self._asked: _Asked | None = None  # the ranks' flags, all-reduced in the background
-        # the flags travel as CPU tensors (host_group says why)
-        self._group = group if group is not None else host_group(device, world)
 
     def __enter__(self) -> StopRequest:
         for sig in STOP_SIGNALS:

@@ -388,7 +388,7 @@ def fit(cfg: RunConfig) -> dict:
         )
 
     flags = host_group(device, world)  # the stop and OOM flags travel over the CPU
-    stop = StopRequest(device, world, flags)  # its handlers are installed for the loop only
+    stop = StopRequest(world, flags)  # its handlers are installed for the loop only
 
     def val_loss(engine) -> dict:  # every rank; a signal cuts it short (StopRequested)
         return evaluate(engine, s["val_loader"], device, cfg.train.eval_batches, stop)

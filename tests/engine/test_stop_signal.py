@@ -11,12 +11,13 @@ with the uninterrupted run.
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from dst_train.engine.stop_request import EXIT_CODE, StopRequest
+from dst_train.engine.stop_request import EXIT_CODE, StopRequest, host_group
 from tests.engine.helpers import run_scenario
 
 SCRIPT = str(Path(__file__).parent / "scenario_stop.py")
@@ -80,7 +81,7 @@ def test_a_signal_mid_step_on_one_rank_stops_all_and_the_resume_is_exact(
 
 
 def test_repeated_signals_are_one_request_and_a_second_ctrl_c_is_now():
-    stop = StopRequest(torch.device("cpu"))
+    stop = StopRequest()
     before = signal.getsignal(signal.SIGTERM)
     with stop:
         assert stop.agreed() is None
@@ -88,7 +89,7 @@ def test_repeated_signals_are_one_request_and_a_second_ctrl_c_is_now():
         signal.raise_signal(signal.SIGTERM)
         assert stop.agreed() == "SIGUSR1"
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
-    with StopRequest(torch.device("cpu")) as ctrl_c:
+    with StopRequest() as ctrl_c:
         signal.raise_signal(signal.SIGINT)
         assert ctrl_c.agreed() == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
@@ -112,7 +113,7 @@ def _agree_from_a_gpu_like_device(rank: int, port: int, root: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     # "meta" stands in for the GPU: a flag made on the run's device could not travel over
     # gloo, and on a GPU its read would wait for the whole previous micro-step
-    stop = StopRequest(torch.device("meta"), world=2)
+    stop = StopRequest(world=2, group=host_group(torch.device("meta"), 2))
     said = [stop.agreed()]  # asks the ranks
     if rank == 1:
         stop.signal = "SIGTERM"
@@ -130,3 +131,37 @@ def test_the_ranks_of_a_gpu_run_agree_on_a_stop_over_the_cpu(tmp_path):
     torch.multiprocessing.spawn(_agree_from_a_gpu_like_device, args=args, nprocs=2)
     said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert said == [[None, None, "a signal on another rank"], [None, None, "SIGTERM"]]
+
+
+def _fail_inside_the_loop(rank: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        with StopRequest(world=2, group=host_group(torch.device("meta"), 2)) as stop:
+            if rank == 0:
+                stop.agreed()  # asks the ranks: rank 1 fails before it ever joins
+            raise RuntimeError(f"rank {rank} failed")
+    except RuntimeError as e:
+        Path(root, f"rank{rank}.txt").write_text(str(e))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_rank_that_fails_mid_loop_leaves_without_waiting_for_the_others():
+    """An error inside the loop leaves the stop check at once, with the flags' all-reduce still
+    in flight: waiting for it there would wait for a rank that failed before it joined (a hang,
+    or the peer's closed connection in place of the real error)."""
+    import tempfile
+
+    from dst_train.engine.trainer import free_port
+
+    with tempfile.TemporaryDirectory() as root:
+        ctx = torch.multiprocessing.spawn(
+            _fail_inside_the_loop, args=(int(free_port()), root), nprocs=2, join=False
+        )
+        deadline = time.monotonic() + 60
+        while not ctx.join(timeout=1) and time.monotonic() < deadline:
+            pass
+        for p in ctx.processes:
+            p.kill()
+        said = [Path(root, f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert said == ["rank 0 failed", "rank 1 failed"]
