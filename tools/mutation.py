@@ -12,7 +12,7 @@ How it works, and why this way (the suite takes ~20 min, so running all of it pe
 2. Every mutant of the packages is listed (operators below), and a seeded sample of
    ``--per-package`` is drawn from each package, so one run takes about an hour on 2 cores.
    ``--files`` draws from each named file instead: a package's big modules get most of its
-   sample, so its small ones (``atomic_io.py``: none in five samples) are reached this way.
+   sample, so its small ones (``stop_request.py``: one in five samples) are reached this way.
 3. A sampled mutant on a line no test runs survives without running anything. Otherwise the source
    is mutated in a copy of the repository and the tests that ran that line are run there, fastest
    first, stopping at the first failure (``-x``): a failure or an error kills the mutant, a clean

@@ -30,13 +30,11 @@ class SampleDataset(Dataset):
         self,
         samples: list[Sample],
         frame_source,
-        features: bool,
         negative_frame_keep: float = 1.0,
         seed: int = 0,
     ):
         self.samples = samples
         self.source = frame_source
-        self.features = features
         self.keep = negative_frame_keep
         self.seed = seed
         self.epoch = 0

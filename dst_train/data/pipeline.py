@@ -43,9 +43,9 @@ def make_dataset(
     samples = build_samples(cfg.data.root, split, builder, cfg.data.span_policy)
     if cfg.data.feature_cache:
         key = backbone_cache_key(backbone, image_processor.image_size)
-        source, features = FeatureCache(cfg.data.feature_cache, expect_key=key), True
+        source = FeatureCache(cfg.data.feature_cache, expect_key=key)
     else:
-        source, features = FramePixels(cfg.data.root, image_processor), False
+        source = FramePixels(cfg.data.root, image_processor)
         backbone.use_frame_processor(image_processor)
     keep = cfg.data.negative_frame_keep if split == cfg.data.train_split else 1.0
-    return SampleDataset(samples, source, features, negative_frame_keep=keep, seed=seed)
+    return SampleDataset(samples, source, negative_frame_keep=keep, seed=seed)

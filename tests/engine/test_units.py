@@ -252,6 +252,19 @@ def test_the_ends_of_the_unit_ranges_are_valid_options():
         assert (cfg.train.min_lr_ratio, cfg.loss.focal_alpha, cfg.model.lora_dropout) == (end,) * 3
 
 
+def test_the_lowest_value_of_each_count_option_is_valid_and_one_less_is_named():
+    """0 is "all frames at once" for model.vision_chunk_frames; the sizes start at 1."""
+    from dst_train.config import ConfigError, load_config
+
+    lowest = {"model.vision_chunk_frames": 0, "model.tokens_per_frame": 1,
+              "train.micro_batch_size": 1, "train.grad_accum": 1, "train.max_steps": 1}  # fmt: skip
+    cfg = load_config(None, [f"{k}={v}" for k, v in lowest.items()])
+    assert (cfg.model.vision_chunk_frames, cfg.train.micro_batch_size) == (0, 1)
+    for key, value in lowest.items():
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [f"{key}={value - 1}"])
+
+
 def test_config_files_that_are_not_utf8_or_not_yaml_are_error_lines(tmp_path, capsys):
     from dst_train.cli import main
 

@@ -96,6 +96,10 @@ def test_evaluate_rejects_a_stream_batch_below_one(tmp_path, capsys):
 
     assert main(["evaluate", str(tmp_path), "--data", str(tmp_path), "--stream-batch", "0"]) == 2
     assert "error: --stream-batch 0" in capsys.readouterr().err
+    # 1 (a clip at a time) passes the check: the next one names the folder, not a model's
+    assert main(["evaluate", str(tmp_path), "--data", str(tmp_path), "--stream-batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--stream-batch" not in err and "dst_config.json" in err
 
 
 def test_evaluate_names_a_folder_that_is_not_a_model(demo_root, tmp_path, capsys):

@@ -50,7 +50,32 @@ def test_pixels_through_the_table_equal_the_processor_bit_for_bit(tiny_family_di
     assert pixels.dtype == torch.uint8 and pixels.shape == (len(images), 3, s, s)
     reference = proc(images)  # the family's own float pipeline
     assert torch.equal(normalize_pixels(pixels, pixel_table(proc)), reference)
-    assert proc.pixels([]).shape == (0, 3, s, s)
+    assert proc.pixels([]).shape == proc([]).shape == (0, 3, s, s)  # N may be 0
+
+
+def test_a_hub_smolvlm_processor_gives_the_whole_frame_not_a_tile(tmp_path):
+    """SmolVLM2's published processors split an image into tiles (``do_image_splitting``, size
+    4 × the tower's input) plus a global view; a frame is one image of the tower's size, the
+    whole of it (a tile would show the frame's corner)."""
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+        SmolVLMImageProcessorPil,
+    )
+
+    from dst_train.model.smolvlm import load_frame_processor
+
+    s = 32
+    hub = SmolVLMImageProcessorPil(
+        do_image_splitting=True, size={"longest_edge": 4 * s}, max_image_size={"longest_edge": s}
+    )
+    hub.save_pretrained(tmp_path)
+    proc = load_frame_processor(str(tmp_path))
+    frame = np.zeros((s, 2 * s, 3), np.uint8)
+    frame[:, :s] = (255, 0, 0)  # left half red, right half blue
+    frame[:, s:] = (0, 0, 255)
+    for pixels in (proc.pixels([Image.fromarray(frame)]), proc([Image.fromarray(frame)])):
+        assert pixels.shape == (1, 3, s, s)
+        left, right = pixels[0, :, s // 2, 1], pixels[0, :, s // 2, s - 2]
+        assert left[0] > left[2] and right[2] > right[0]  # both halves, squeezed into one
 
 
 def test_the_table_follows_the_processors_mean_and_std(tiny_model_dir):

@@ -122,7 +122,6 @@ def test_collate_pads_and_orders_frames(parts, demo_root, tiny_model_dir):
     ds = SampleDataset(
         samples,
         FramePixels(demo_root, load_image_processor(str(tiny_model_dir))),
-        features=False,
         negative_frame_keep=0.1,
         seed=1,
     )
