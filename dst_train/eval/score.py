@@ -148,7 +148,7 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not a number in JSON")
 
 
-def match_videos(videos: list[VideoTurns], similarity, keep_zero_cost: bool = False):
+def match_videos(videos: list[VideoTurns], similarity, keep_zero_cost: bool):
     return [
         match_turns(v.gen, v.ref, similarity, window_frames(v.dataset, v.fps), keep_zero_cost)
         for v in videos

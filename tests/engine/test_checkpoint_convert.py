@@ -85,6 +85,7 @@ def test_a_convert_killed_midway_leaves_the_old_folder_and_a_rerun_completes(
     monkeypatch.setattr(conv, "swap_in", real)
     report = conv.convert(run, out, dtype="bf16")  # the same command again
     assert report["out"] == str(out) and not (out.parent / "hf.partial").exists()
+    assert 0.05 < report["peak_ram_gib"] < 1024  # this process's peak, in GiB (ru_maxrss: KiB)
     assert not (out.parent / "hf.old").exists()
     assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]  # bf16 now
 
@@ -102,3 +103,14 @@ def test_a_convert_killed_midway_leaves_the_old_folder_and_a_rerun_completes(
     with pytest.raises(ValueError, match=r"does not match the model .*unexpected \['speak_head"):
         conv.convert(run, tmp_path / "other")
     assert not (tmp_path / "other").exists() and not (tmp_path / "other.partial").exists()
+    # and so is a checkpoint that lacks weights the model has: they would keep their random init
+    monkeypatch.setattr(
+        zero_to_fp32,
+        "get_fp32_state_dict_from_zero_checkpoint",
+        lambda *a, **kw: {
+            k: v for k, v in consolidate(*a, **kw).items() if not k.startswith("update_head")
+        },
+    )
+    with pytest.raises(ValueError, match=r"does not match the model \(missing \['update_head"):
+        conv.convert(run, tmp_path / "other")
+    assert not (tmp_path / "other").exists()

@@ -183,6 +183,9 @@ def test_evaluate_resume_streams_only_the_clips_without_a_trace(
     first = ev.evaluate(model_folder, demo_root, **kw)
     traces = sorted((out / "traces").glob("*.jsonl"))
     assert len(traces) == first["clips"] >= 2
+    # no baseline here: the timeline plot is drawn from the model's own first clip
+    plots = json.loads((out / "report.json").read_text())["plots"]
+    assert plots == [str(out / "timeline.png"), str(out / "threshold_curves.png")]
     kept = {p.name: p.read_text() for p in traces}
     traces[1].unlink()  # the run stopped before this clip finished ...
     traces[1].with_suffix(".jsonl.tmp").write_text('{"frame": 0, "ti')  # ... mid-write

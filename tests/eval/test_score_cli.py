@@ -123,3 +123,15 @@ def test_two_turns_on_one_frame_are_joined_and_times_map_by_truncation(tmp_path)
     write_score_file([v], tmp_path / "back.jsonl")
     assert read_score_file(tmp_path / "back.jsonl")[0].ref == v.ref
     assert all(int(time_of(k, 29.97) * 29.97) == k for k in range(5000))
+
+
+def test_the_last_frame_allowed_is_read_and_the_next_is_too_far(tmp_path):
+    from dst_train.eval.score import MAX_FRAMES, ScoreInputError, read_score_file
+
+    f = tmp_path / "v.jsonl"
+    f.write_text(_with(predictions__0__time=MAX_FRAMES / 2.0) + "\n")  # fps 2: frame MAX_FRAMES
+    (v,) = read_score_file(f)
+    assert v.gen[MAX_FRAMES] == "a"
+    f.write_text(_with(predictions__0__time=(MAX_FRAMES + 1) / 2.0) + "\n")
+    with pytest.raises(ScoreInputError, match=f"is frame {MAX_FRAMES + 1}, too far"):
+        read_score_file(f)

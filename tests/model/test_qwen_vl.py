@@ -35,6 +35,8 @@ def test_patches_equal_qwens_own_image_processor(hf, frames, tiny_qwen_dir):
     )
 
     pixels, images = frames
+    grey = Image.fromarray(np.asarray(images[0])[..., 0], mode="L")  # converted to RGB by both
+    images, pixels = [*images, grey], torch.cat([pixels, QwenFrames(64)([grey])])
     reference = Qwen2VLImageProcessorPil.from_pretrained(tiny_qwen_dir)(
         images=images, return_tensors="pt"
     )

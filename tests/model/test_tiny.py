@@ -8,7 +8,7 @@ from dst_train.cli import main
 
 
 def test_tiny_model_has_the_asked_lm_shape(demo_root, tmp_path):
-    out = tmp_path / "m"
+    out = tmp_path / "models" / "m"  # a folder whose parent does not exist yet
     args = ["make-tiny-model", "--data", str(demo_root), "--out", str(out)]
     assert main([*args, "--hidden", "96", "--layers", "3"]) == 0
     text = json.loads((out / "config.json").read_text())["text_config"]
@@ -39,7 +39,7 @@ def test_arch_folder_has_the_real_shapes_and_a_working_tokenizer(demo_root, tmp_
     )
     from dst_train.model.info import model_info
 
-    out = tmp_path / "m"
+    out = tmp_path / "models" / "m"  # a folder whose parent does not exist yet
     args = ["make-tiny-model", "--data", str(demo_root), "--out", str(out)]
     assert main([*args, "--arch", arch]) == 0
     assert not list(out.glob("*.safetensors"))  # random init: model.pretrained=false
@@ -55,6 +55,8 @@ def test_arch_folder_has_the_real_shapes_and_a_working_tokenizer(demo_root, tmp_
     assert load_image_processor(str(out)).image_size == fam.frame_size(real)
     ours = model_info(ModelConfig(arch=str(out), pretrained=False))["parameters"]
     assert ours == model_info(ModelConfig(arch=arch, pretrained=False))["parameters"]
+    assert main([*args, "--arch", arch]) == 0  # the same command again rewrites the folder
+    assert arch_config(str(out)).to_dict() == config.to_dict()
 
 
 def test_arch_folder_refuses_an_unknown_architecture(demo_root, tmp_path, capsys):
