@@ -252,6 +252,23 @@ def test_the_ends_of_the_unit_ranges_are_valid_options():
         assert (cfg.train.min_lr_ratio, cfg.loss.focal_alpha, cfg.model.lora_dropout) == (end,) * 3
 
 
+def test_an_optional_option_takes_null_or_a_value_of_its_type():
+    """The loader's ``X | None`` fields (none in RunConfig today; a recipe's own config may
+    have them): null is None, a value is coerced to X, anything else is named."""
+    import dataclasses
+
+    from dst_train.config import ConfigError, load_config
+
+    @dataclasses.dataclass
+    class Recipe:
+        limit: int | None = 5
+
+    assert load_config(None, ["limit=null"], cls=Recipe).limit is None
+    assert load_config(None, ["limit=7"], cls=Recipe).limit == 7
+    with pytest.raises(ConfigError, match=r"config\.limit: expected int, got 'many'"):
+        load_config(None, ["limit=many"], cls=Recipe)
+
+
 def test_the_lowest_value_of_each_count_option_is_valid_and_one_less_is_named():
     """0 is "all frames at once" for model.vision_chunk_frames; the sizes start at 1."""
     from dst_train.config import ConfigError, load_config
