@@ -321,6 +321,8 @@ def test_memory_table_partly_frozen_by_hand():
     # 4 B x the largest layer gathered + partitions of 2 B per frozen, 18 B per trainable
     assert rows["zero3"].gpu_gib == pytest.approx(0.5 + (6 + 18) / 4)
     assert rows["zero3+offload"].cpu_gib == pytest.approx(1.5 * 18 + 6)
+    # without offload the model states are all on the GPUs
+    assert [rows[s].cpu_gib for s in ("zero0", "zero1", "zero2", "zero3")] == [0, 0, 0, 0]
     fp32 = {r.strategy: r for r in model_state_memory(t, f, n, "fp32")}
     assert fp32["zero2"].gpu_gib == pytest.approx(16 + 12 / 4)  # 4 B weights, 4 + 8 per trainable
 
