@@ -1,7 +1,9 @@
+import copy
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,28 +65,31 @@ def test_proassist_shaped_sample_without_frames_or_dst(tmp_path, capsys):
     ) == (1, 8, 1, 1, 1, 0)
 
 
+def _validate_record(tmp_path, capsys, record) -> tuple[int, dict, Path]:
+    """``record`` alone in a prepared file, validated without frames: (exit code, report, file)."""
+    path = tmp_path / "prepared.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    code, out = _run(capsys, "--prepared", str(path), "--no-frames", "--json")
+    return code, json.loads(out), path
+
+
 # RECORD's assistant turn follows frame 5 (2.5 s at 2 fps): its time may be a frame either side
 # of it, [2.0 s, 3.5 s); outside, the turn and the frame it is placed after disagree
 @pytest.mark.parametrize("time, warned", [(2.9, False), (2.0, False), (3.49, False),
                                           (1.99, True), (3.5, True)])  # fmt: skip
 def test_an_assistant_turn_far_from_its_frame_is_a_warning(tmp_path, capsys, time, warned):
-    record = json.loads(json.dumps(RECORD))
+    record = copy.deepcopy(RECORD)
     record["conversation"][4]["time"] = time
-    path = tmp_path / "prepared.jsonl"
-    path.write_text(json.dumps(record) + "\n")
-    code, out = _run(capsys, "--prepared", str(path), "--no-frames", "--json")
+    code, report, path = _validate_record(tmp_path, capsys, record)
     warning = f"{path}:1: assistant turn at {time:g} s follows frame 5 (2.5 s)"
-    assert code == 0 and json.loads(out)["warnings"] == ([warning] if warned else [])
+    assert code == 0 and report["warnings"] == ([warning] if warned else [])
 
 
 def test_an_assistant_turn_before_the_first_frame_is_a_warning(tmp_path, capsys):
-    record = json.loads(json.dumps(RECORD))
+    record = copy.deepcopy(RECORD)
     hello = {"role": "assistant", "time": 0.5, "content": "Hi.", "labels": "initiative"}
     record["conversation"].insert(1, hello)  # before any frames turn: no frame to speak at
-    path = tmp_path / "prepared.jsonl"
-    path.write_text(json.dumps(record) + "\n")
-    code, out = _run(capsys, "--prepared", str(path), "--no-frames", "--json")
-    report = json.loads(out)
+    code, report, path = _validate_record(tmp_path, capsys, record)
     assert code == 0 and report["assistant_turns"] == 2
     assert report["warnings"] == [
         f"{path}:1: 1 assistant turn(s) before the first frame (no speak label)"

@@ -124,11 +124,21 @@ def _agree_from_a_gpu_like_device(rank: int, port: int, root: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_the_ranks_of_a_gpu_run_agree_on_a_stop_over_the_cpu(tmp_path):
+def _two_ranks(fn, root: Path, limit_s: float = 60) -> None:
+    """``fn(rank, port, root)`` in 2 gloo processes; past ``limit_s`` they are killed (a hang
+    fails the test that reads what they wrote, instead of holding the suite)."""
     from dst_train.engine.trainer import free_port
 
-    args = (int(free_port()), str(tmp_path))
-    torch.multiprocessing.spawn(_agree_from_a_gpu_like_device, args=args, nprocs=2)
+    ctx = torch.multiprocessing.spawn(fn, args=(int(free_port()), str(root)), nprocs=2, join=False)
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=1) and time.monotonic() < deadline:
+        pass
+    for p in ctx.processes:
+        p.kill()
+
+
+def test_the_ranks_of_a_gpu_run_agree_on_a_stop_over_the_cpu(tmp_path):
+    _two_ranks(_agree_from_a_gpu_like_device, tmp_path)
     said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert said == [[None, None, "a signal on another rank"], [None, None, "SIGTERM"]]
 
@@ -146,22 +156,10 @@ def _fail_inside_the_loop(rank: int, port: int, root: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_a_rank_that_fails_mid_loop_leaves_without_waiting_for_the_others():
+def test_a_rank_that_fails_mid_loop_leaves_without_waiting_for_the_others(tmp_path):
     """An error inside the loop leaves the stop check at once, with the flags' all-reduce still
     in flight: waiting for it there would wait for a rank that failed before it joined (a hang,
     or the peer's closed connection in place of the real error)."""
-    import tempfile
-
-    from dst_train.engine.trainer import free_port
-
-    with tempfile.TemporaryDirectory() as root:
-        ctx = torch.multiprocessing.spawn(
-            _fail_inside_the_loop, args=(int(free_port()), root), nprocs=2, join=False
-        )
-        deadline = time.monotonic() + 60
-        while not ctx.join(timeout=1) and time.monotonic() < deadline:
-            pass
-        for p in ctx.processes:
-            p.kill()
-        said = [Path(root, f"rank{r}.txt").read_text() for r in (0, 1)]
+    _two_ranks(_fail_inside_the_loop, tmp_path)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert said == ["rank 0 failed", "rank 1 failed"]
