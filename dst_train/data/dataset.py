@@ -78,8 +78,11 @@ def assign_splits(
     """Deterministic video → split assignment (never one video in two splits).
 
     Videos are ordered by a seeded hash, then cut by ``fractions`` (train, val, test); val and
-    test get at least one video each when there are three or more videos.
+    test get at least one video each when there are three or more videos. Train takes what val
+    and test leave, so the three must be non-negative and add up to 1.
     """
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"split fractions {fractions}: need (train, val, test) >= 0 adding to 1")
     uids = sorted(set(video_uids), key=lambda u: hashlib.sha256(f"{seed}:{u}".encode()).hexdigest())
     n = len(uids)
     n_val = max(1 if n >= 3 else 0, round(fractions[1] * n))

@@ -1,6 +1,8 @@
 import filecmp
 import json
 
+import pytest
+
 from dst_train.data.dataset import SPLITS, DatasetPaths, assign_splits, load_split
 from dst_train.data.dst_tree import load_dst_tsv
 from dst_train.data.proassist import FrameReader, read_prepared
@@ -64,6 +66,14 @@ def test_splits_are_disjoint_by_video(demo_root):
     # from 3 videos on, every split gets at least one; below that, all train
     assert sorted(assign_splits(["a", "b", "c"]).values()) == ["test", "train", "val"]
     assert set(assign_splits(["a", "b"]).values()) == {"train"}
+
+
+@pytest.mark.parametrize("fractions", [(0.8, 0.1, 0.05), (0.5, 0.6, -0.1), (1.0, 0.0)])
+def test_split_fractions_that_do_not_cut_the_videos_are_refused(fractions):
+    """Train is the remainder once val and test are cut: fractions that do not add up to 1
+    would silently give train another share than asked for."""
+    with pytest.raises(ValueError, match="fractions"):
+        assign_splits([f"v{i}" for i in range(20)], fractions)
 
 
 def test_make_demo_data_cli(tmp_path, capsys):

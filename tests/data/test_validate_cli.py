@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dst_train.cli import main
+from dst_train.data.dataset import DatasetPaths
 from tests.data.test_proassist import RECORD
 
 KEYS = {
@@ -18,6 +19,7 @@ KEYS = {
     "user_turns",
     "speak_frames",
     "update_frames",
+    "dst_files",
     "dst_nodes",
     "dst_transitions",
     "errors",
@@ -37,6 +39,7 @@ def test_demo_root_validates_clean(demo_root, capsys):
     assert report["errors"] == [] and report["videos"] == 6
     assert report["speak_frames"] > 0 and report["update_frames"] > 0
     assert report["dst_transitions"] > report["dst_nodes"] > 0
+    assert report["dst_files"] == len(list(DatasetPaths.from_root(demo_root).dst_dir.glob("*.tsv")))
     code, out = _run(capsys, str(demo_root))
     assert code == 0 and out.strip().endswith("OK")
     from dst_train.data.proassist import read_prepared

@@ -25,6 +25,8 @@ from tests.conftest import tiny_run_config
 
 FP32 = Precision("fp32", "sdpa")
 
+GIB = 2**30  # the table's unit, written out here: imported, a wrong unit would cancel out
+
 
 def _setup(demo_root, tiny_model_dir, *overrides, n=2, precision=FP32):
     cfg = tiny_run_config(demo_root, tiny_model_dir, *overrides)
@@ -287,7 +289,7 @@ def test_memory_table_equals_deepspeeds_estimators_when_everything_trains(gpus, 
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    from dst_train.model.info import GIB, model_state_memory
+    from dst_train.model.info import model_state_memory
 
     p, layer, nodes = 2_246_788_978, 100_925_440, gpus // per_node
     rows = model_state_memory(p, 0, gpus, "fp16", largest_layer=layer, gpus_per_node=per_node)
@@ -308,7 +310,7 @@ def test_memory_table_equals_deepspeeds_estimators_when_everything_trains(gpus, 
 
 
 def test_memory_table_partly_frozen_by_hand():
-    from dst_train.model.info import GIB, model_state_memory
+    from dst_train.model.info import model_state_memory
 
     t, f, n = GIB, 3 * GIB, 4  # 1 Gi trainable, 3 Gi frozen parameters, 4 GPUs
     rows = {r.strategy: r for r in model_state_memory(t, f, n, "fp16", largest_layer=GIB // 8)}
@@ -330,7 +332,6 @@ def test_memory_table_partly_frozen_by_hand():
 def test_memory_table_counts_qlora_weights_in_4_bits(tiny_family_dir):
     """QLoRA: the LM trunk's frozen linear weights at nf4 + block scales (0.516 B), everything
     else as before; LoRA's own (trainable) linear layers stay 16-bit; no ZeRO-3 rows."""
-    from dst_train.model.info import GIB
 
     lora = ModelConfig(arch=str(tiny_family_dir), lora=True, lora_r=4, pretrained=False)
     plain = model_info(lora)

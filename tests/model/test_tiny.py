@@ -26,6 +26,21 @@ def test_tiny_model_refuses_a_hidden_size_heads_cannot_split(demo_root, tmp_path
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize(
+    "hidden, layers, ok", [(32, 1, True), (32, 0, False), (16, 1, False), (48, 2, False)]
+)
+def test_tiny_shape_bounds(hidden, layers, ok):
+    """The smallest LM that splits into heads: hidden 32 (2 heads of 16, 1 key/value head) and
+    one layer; below that, or a hidden size that is not a multiple of 32, is refused."""
+    from dst_train.model.smolvlm import check_tiny_shape
+
+    if ok:
+        check_tiny_shape(hidden, layers)
+    else:
+        with pytest.raises(ValueError, match=f"hidden {hidden} must be a multiple of 32"):
+            check_tiny_shape(hidden, layers)
+
+
 @pytest.mark.parametrize("arch", ["smolvlm2-256m", "qwen2.5-vl-3b"])
 def test_arch_folder_has_the_real_shapes_and_a_working_tokenizer(demo_root, tmp_path, arch):
     """`make-tiny-model --arch`: the named architecture offline — real vocabulary size, the image
