@@ -168,3 +168,35 @@ def test_unparsable_text_counts_as_invalid_and_keeps_a_valid_state(tree):
     trace = FrameTrace(0, 0.0, 0.0, 1.0)
     new = StreamingAssistant._apply(tree, state, "9.9=done", trace)
     assert trace.dst_valid is False and check_state(tree, new) == []
+
+
+def test_the_timeline_plots_completed_nodes_of_the_tracked_and_the_reference_state(
+    tree, tmp_path, monkeypatch
+):
+    """The timeline's third panel: how many nodes are completed after each frame, in the state
+    the model tracked and in the annotation's (``state_before`` the frame's end)."""
+    from types import SimpleNamespace
+
+    import matplotlib.axes
+
+    from dst_train.eval.report import plot_timeline
+
+    series = {}
+    plot = matplotlib.axes.Axes.plot
+
+    def record(ax, x, y, *args, label=None, **kw):
+        series[label] = list(y)
+        return plot(ax, x, y, *args, label=label, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", record)
+    done = {n: C for n in tree.order}
+    states = [{**done, "1": IP, "1.1": IP, "1.1.1": IP, "1.1.2": NS, "1.2": NS, "1.2.1": NS},
+              {**done, "1": IP, "1.2": NS, "1.2.1": NS}, done]  # fmt: skip
+    traces = [FrameTrace(f, f * 3.0, 0.1, 0.2, state=s) for f, s in enumerate(states)]
+    clip = SimpleNamespace(fps=1 / 3, video_uid="v")  # frames end at 3, 6 and 9 s
+    labels = SimpleNamespace(clip=clip, responses=[1], dst_updates=[1])
+    png = plot_timeline({"labels": labels, "traces": traces, "tree": tree}, tmp_path / "t.png")
+    assert png.stat().st_size > 1000
+    assert series["tracked"] == [0, 3, 6]
+    # by 3 s action 1.1.1 (0-2 s) is done; by 6 s substep 1.1 and its actions; 9 s: not 1.2.1
+    assert series["reference"] == [1, 3, 3]

@@ -217,6 +217,13 @@ def test_save_and_load_roundtrip(demo_root, tiny_family_dir, tmp_path):
         save_file(broken, str(tmp_path / HEADS_FILE))
         with pytest.raises(ValueError, match=f"{HEADS_FILE}: missing .*{name}"):
             DSTModel.from_pretrained(tmp_path)
+    # so is a backbone checkpoint that lacks a weight (transformers would leave it random)
+    save_file(heads, str(tmp_path / HEADS_FILE))
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    lost = next(k for k in weights if "layers.0.mlp" in k)
+    save_file({k: v for k, v in weights.items() if k != lost}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="checkpoint lacks 1 weights"):
+        DSTModel.from_pretrained(tmp_path)
 
 
 def test_real_architectures_build_on_meta_with_the_right_size():
