@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +209,7 @@ def load(engine, ckpt_dir: str | Path, tag: str, rank: int) -> dict:
 def _remove_incomplete(ckpt_dir: Path) -> None:
     for d in ckpt_dir.glob("step_*"):
         if d.is_dir() and not (d / COMPLETE).is_file():
-            shutil.rmtree(d, ignore_errors=True)
+            _remove(d)
 
 
 def _keep_last(ckpt_dir: Path, keep: int) -> None:
@@ -216,4 +217,18 @@ def _keep_last(ckpt_dir: Path, keep: int) -> None:
         return
     done = sorted(d for d in ckpt_dir.glob("step_*") if (d / COMPLETE).is_file())
     for d in done[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
+        _remove(d)
+
+
+def _remove(folder: Path) -> None:
+    """Remove a checkpoint folder, its marker first: what a failed removal leaves (a file an NFS
+    handle or a permission keeps) is an incomplete checkpoint, never resumed from, and removed
+    again at the next save. A failure is named, not raised: the new checkpoint is saved."""
+    (folder / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.exists():
+        print(
+            f"warning: {folder}: not removed entirely (left incomplete; the next save tries again)",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -700,6 +700,48 @@ def test_keep_last_leaves_the_newest_complete_checkpoints(tmp_path, keep):
     assert checkpoint.complete_tags(ckpt) == want  # 0 keeps every one
 
 
+@pytest.mark.parametrize("stuck", ["a shard", "every file"])
+def test_an_old_checkpoint_that_cannot_be_removed_is_named_and_never_taken_for_one(
+    tmp_path, monkeypatch, capsys, stuck
+):
+    """Pruning is housekeeping after the new checkpoint is saved: a file it cannot remove (an
+    NFS handle another process holds, a permission) must not end the run, and what is left of
+    the folder must not count as a checkpoint, whichever files stayed; the next save tries
+    again."""
+    import os
+    import shutil
+
+    from dst_train.engine import checkpoint
+    from tests.engine.helpers import FolderEngine
+
+    ckpt, unlink, rmtree = tmp_path / "checkpoints", os.unlink, shutil.rmtree
+    held = {"on": True}
+
+    def unlink_but_shards(path, *args, **kwargs):
+        if held["on"] and str(path).endswith("model_states.pt"):
+            raise PermissionError(13, "held open", str(path))
+        return unlink(path, *args, **kwargs)
+
+    def rmtree_nothing(path, *args, **kwargs):  # ignore_errors: no file went, no error raised
+        return None if held["on"] else rmtree(path, *args, **kwargs)
+
+    def save(step):
+        checkpoint.save(FolderEngine(), ckpt, step, {"step": step}, "", 1, 0, lambda: None)
+
+    save(1)
+    if stuck == "a shard":
+        monkeypatch.setattr(os, "unlink", unlink_but_shards)
+    else:
+        monkeypatch.setattr(shutil, "rmtree", rmtree_nothing)
+    save(2)  # saved; step 1 left in part
+    assert checkpoint.latest_tag(ckpt) == checkpoint.tag_of(2)
+    assert checkpoint.complete_tags(ckpt) == [checkpoint.tag_of(2)]
+    assert f"{ckpt / checkpoint.tag_of(1)}: not removed entirely" in capsys.readouterr().err
+    held["on"] = False
+    save(3)
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [checkpoint.tag_of(3)]
+
+
 class _CountsReads(torch.Tensor):
     """Stands in for a tensor on the GPU: counts every read back to the host. Each read makes
     the host wait for every kernel queued before it, and the GPU then idles while the host

@@ -181,6 +181,7 @@ def test_evaluate_resume_streams_only_the_clips_without_a_trace(
     kw = dict(out=out, split="train", max_clips=3, max_new_tokens=2, stream_batch=2, device="cpu")
     kw["embedding_model"] = "minilm"
     first = ev.evaluate(model_folder, demo_root, **kw)
+    assert "metrics_on_baseline_clips" not in first  # no baseline, nothing to compare with
     traces = sorted((out / "traces").glob("*.jsonl"))
     assert len(traces) == first["clips"] >= 2
     # no baseline here: the timeline plot is drawn from the model's own first clip

@@ -179,7 +179,8 @@ def test_baseline_clips_max_context_and_embedding_model_reach_the_run(
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
     assert len((out / "baseline_predictions.jsonl").read_text().splitlines()) == 1
     assert "metrics_on_baseline_clips" in report
-    assert report["metrics_on_baseline_clips"] != report["metrics"]
+    assert report["metrics_on_baseline_clips"] != report["metrics"]  # 1 clip, not 2
+    assert report["metrics_on_baseline_clips"] != report["baseline_metrics"]  # the model's
     assert contexts and set(contexts) == {700}
     assert json.loads((out / "traces" / "settings.json").read_text())["max_context"] == 700
     assert "minilm" in report["embedding_model"]  # not the mpnet default
