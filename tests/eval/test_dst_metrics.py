@@ -200,3 +200,23 @@ def test_the_timeline_plots_completed_nodes_of_the_tracked_and_the_reference_sta
     assert series["tracked"] == [0, 3, 6]
     # by 3 s action 1.1.1 (0-2 s) is done; by 6 s substep 1.1 and its actions; 9 s: not 1.2.1
     assert series["reference"] == [1, 3, 3]
+
+
+def test_the_threshold_figure_has_one_panel_per_head_with_its_three_curves(tmp_path, monkeypatch):
+    import matplotlib.figure
+    import numpy as np
+
+    from dst_train.eval.evaluate import sweep
+    from dst_train.eval.report import plot_threshold_curves
+
+    panels, savefig = [], matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        panels.extend((ax.get_title(), len(ax.get_lines())) for ax in fig.axes)
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    rows = sweep(np.array([0.1, 0.8, 0.4, 0.9]), np.array([0, 1, 0, 1]))
+    plot_threshold_curves({"speak": rows, "update": rows}, tmp_path / "c.png")
+    assert panels == [("speak (val, teacher-forced)", 3), ("update (val, teacher-forced)", 3)]
+    assert (tmp_path / "c.png").stat().st_size > 1000
