@@ -250,6 +250,8 @@ def test_the_ends_of_the_unit_ranges_are_valid_options():
         keys = ("train.min_lr_ratio", "loss.focal_alpha", "model.lora_dropout")
         cfg = load_config(None, [f"{k}={end}" for k in keys])
         assert (cfg.train.min_lr_ratio, cfg.loss.focal_alpha, cfg.model.lora_dropout) == (end,) * 3
+    # Adam's betas take [0, 1): 0 keeps no running average (a plain, RMSprop-like step)
+    assert load_config(None, ["train.betas=[0, 0]"]).train.betas == (0, 0)
 
 
 def test_an_optional_option_takes_null_or_a_value_of_its_type():
