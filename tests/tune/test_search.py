@@ -184,6 +184,11 @@ def test_a_search_from_a_size_far_below_the_answer_follows_the_line():
     check(r, jumped)
     assert r.micro_batch == 19 and len(r.probes) <= 6
 
+    # a flat line (the peaks of two sizes read alike: a measure coarser than a sample's
+    # memory) predicts nothing: one size at a time, up to the cap
+    r = search_from(curve(lambda b: 10 * GiB), LIMIT, 6, max_micro=8)
+    assert r.micro_batch == 8 and [p.micro_batch for p in r.probes] == [6, 7, 8]
+
 
 def test_accumulation_keeps_the_global_batch():
     assert accumulation_for(64, 7, 2) == (4, 8)  # 7 does not divide 32: 4 does
