@@ -223,7 +223,8 @@ def _keep_last(ckpt_dir: Path, keep: int) -> None:
 def _remove(folder: Path) -> None:
     """Remove a checkpoint folder, its marker first: what a failed removal leaves (a file an NFS
     handle or a permission keeps) is an incomplete checkpoint, never resumed from, and removed
-    again at the next save. A failure is named, not raised: the new checkpoint is saved."""
+    again at the next save. A file that stays is named, not raised: the new checkpoint is saved.
+    (A marker that cannot be removed still raises: the folder is left whole, not half removed.)"""
     (folder / COMPLETE).unlink(missing_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     if folder.exists():
