@@ -223,13 +223,18 @@ def _keep_last(ckpt_dir: Path, keep: int) -> None:
 def _remove(folder: Path) -> None:
     """Remove a checkpoint folder, its marker first: what a failed removal leaves (a file an NFS
     handle or a permission keeps) is an incomplete checkpoint, never resumed from, and removed
-    again at the next save. A file that stays is named, not raised: the new checkpoint is saved.
-    (A marker that cannot be removed still raises: the folder is left whole, not half removed.)"""
-    (folder / COMPLETE).unlink(missing_ok=True)
+    again at the next save; a marker that cannot be removed leaves the folder whole, a complete
+    checkpoint the next save prunes again. Either is named, not raised: the new checkpoint is
+    saved, and housekeeping must not end the run."""
+    try:
+        (folder / COMPLETE).unlink(missing_ok=True)
+    except OSError as e:
+        _warn(f"{folder}: not removed ({COMPLETE} stays: {e}; the next save tries again)")
+        return
     shutil.rmtree(folder, ignore_errors=True)
     if folder.exists():
-        print(
-            f"warning: {folder}: not removed entirely (left incomplete; the next save tries again)",
-            file=sys.stderr,
-            flush=True,
-        )
+        _warn(f"{folder}: not removed entirely (left incomplete; the next save tries again)")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)

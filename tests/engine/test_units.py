@@ -702,14 +702,14 @@ def test_keep_last_leaves_the_newest_complete_checkpoints(tmp_path, keep):
     assert checkpoint.complete_tags(ckpt) == want  # 0 keeps every one
 
 
-@pytest.mark.parametrize("stuck", ["a shard", "every file"])
-def test_an_old_checkpoint_that_cannot_be_removed_is_named_and_never_taken_for_one(
+@pytest.mark.parametrize("stuck", ["a shard", "every file", "the marker"])
+def test_an_old_checkpoint_that_cannot_be_removed_is_named_and_never_half_counted(
     tmp_path, monkeypatch, capsys, stuck
 ):
     """Pruning is housekeeping after the new checkpoint is saved: a file it cannot remove (an
     NFS handle another process holds, a permission) must not end the run, and what is left of
-    the folder must not count as a checkpoint, whichever files stayed; the next save tries
-    again."""
+    the folder must not count as a checkpoint unless it is whole, whichever files stayed; the
+    next save tries again."""
     import os
     import shutil
 
@@ -718,9 +718,10 @@ def test_an_old_checkpoint_that_cannot_be_removed_is_named_and_never_taken_for_o
 
     ckpt, unlink, rmtree = tmp_path / "checkpoints", os.unlink, shutil.rmtree
     held = {"on": True}
+    name = {"a shard": "model_states.pt", "the marker": checkpoint.COMPLETE}.get(stuck)
 
-    def unlink_but_shards(path, *args, **kwargs):
-        if held["on"] and str(path).endswith("model_states.pt"):
+    def unlink_but(path, *args, **kwargs):
+        if held["on"] and str(path).endswith(name):
             raise PermissionError(13, "held open", str(path))
         return unlink(path, *args, **kwargs)
 
@@ -731,14 +732,15 @@ def test_an_old_checkpoint_that_cannot_be_removed_is_named_and_never_taken_for_o
         checkpoint.save(FolderEngine(), ckpt, step, {"step": step}, "", 1, 0, lambda: None)
 
     save(1)
-    if stuck == "a shard":
-        monkeypatch.setattr(os, "unlink", unlink_but_shards)
+    if name:
+        monkeypatch.setattr(os, "unlink", unlink_but)
     else:
         monkeypatch.setattr(shutil, "rmtree", rmtree_nothing)
-    save(2)  # saved; step 1 left in part
+    save(2)  # saved; step 1 left in part, or whole when its marker stayed
     assert checkpoint.latest_tag(ckpt) == checkpoint.tag_of(2)
-    assert checkpoint.complete_tags(ckpt) == [checkpoint.tag_of(2)]
-    assert f"{ckpt / checkpoint.tag_of(1)}: not removed entirely" in capsys.readouterr().err
+    whole = [1, 2] if stuck == "the marker" else [2]
+    assert checkpoint.complete_tags(ckpt) == [checkpoint.tag_of(s) for s in whole]
+    assert f"{ckpt / checkpoint.tag_of(1)}: not removed" in capsys.readouterr().err
     held["on"] = False
     save(3)
     assert sorted(p.name for p in ckpt.glob("step_*")) == [checkpoint.tag_of(3)]
