@@ -297,7 +297,9 @@ def run_mutant(mutant: Mutant, copy: Path, tests: list[str], limit_s: float) -> 
         proc = subprocess.run(command, cwd=copy, env=env, capture_output=True, timeout=limit_s,
                               start_new_session=True)  # fmt: skip
         rc = proc.returncode
-        mutant.status = {0: "survived", 1: "killed", 2: "killed"}.get(rc, "error")
+        # 3: pytest's internal error, raised by the mutant itself (code run at import that
+        # exits); 4 and 5 (usage, nothing collected) are the tool's problems, not a verdict
+        mutant.status = {0: "survived", 1: "killed", 2: "killed", 3: "killed"}.get(rc, "error")
     except subprocess.TimeoutExpired:
         mutant.status = "timeout"
     finally:

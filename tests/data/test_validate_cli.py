@@ -130,7 +130,10 @@ def test_every_problem_is_reported_with_its_place(demo_root, tmp_path, capsys):
     assert "appears in several splits: test (" in errors and "test.jsonl:1), val (" in errors
     assert f"val.jsonl:{len((root / 'prepared' / 'val.jsonl').read_text().splitlines())})" in errors
     assert ".tsv:" in errors and "parent '9.9' of '9.9.9' is not defined" in errors
-    assert "no DST annotation" in "\n".join(report["warnings"])  # its tree failed to load
+    # the clips of the video whose tree failed to load, and only those, lack an annotation
+    broken = sorted((root / "dst").glob("*.tsv"))[0].stem
+    unannotated = {w.split("video ")[-1] for w in report["warnings"] if "no DST annotation" in w}
+    assert unannotated == {repr(broken)}
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):

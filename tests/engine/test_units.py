@@ -223,6 +223,9 @@ BAD_OVERRIDES = [
     ("train.betas=[0.9]", "train.betas: expected 2 values, got [0.9]"),
     ("train.betas=[0.9, 0.99, 0.9]", "train.betas: expected 2 values"),
     ("train.betas=[0.9, 1.5]", "train.betas must be two numbers in [0, 1)"),
+    # 1 is the open end: a beta of 1 keeps its first running average for ever (Adam's bias
+    # correction then divides by 0)
+    ("train.betas=[1, 0.95]", "train.betas must be two numbers in [0, 1)"),
     ("train.lr=.nan", "train.lr: expected a finite number in [0, 2147483647], got nan"),
     ("train.lr=-1", "train.lr: expected a finite number in [0, 2147483647], got -1"),
     ("train.lr=0", "train.lr must be a positive number"),
