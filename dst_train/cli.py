@@ -17,6 +17,10 @@ def _make_demo_data(args: argparse.Namespace) -> int:
     from dst_train.data.synthetic import DemoSpec, make_demo_data
 
     spec = DemoSpec(videos=args.videos, image_size=args.image_size)
+    for name, what in spec.problems():
+        print(f"error: --{name.replace('_', '-')} {what}", file=sys.stderr)
+    if spec.problems():
+        return 2
     if args.held_out is not None:
         if not 1 <= args.held_out < args.videos / 2:
             print(f"error: --held-out {args.held_out}: need 1 <= N < videos / 2", file=sys.stderr)

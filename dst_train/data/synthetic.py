@@ -64,6 +64,11 @@ SYSTEM_PROMPT = (
 )
 
 
+# the smallest frame side (pixels): every verb's texture (stripes of size // 8, at least one
+# pixel) and the five event bands still apart from each other
+MIN_IMAGE_SIZE = 8
+
+
 @dataclass
 class DemoSpec:
     """Sizes of a synthetic dataset. Frame counts are at ``fps`` frames per second."""
@@ -79,6 +84,15 @@ class DemoSpec:
     image_size: int = 64  # pixels (square); real Assembly101 frames are 384
     fps: float = 2.0
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, what is wrong) for each value no demo can be drawn with; empty = usable."""
+        out = []
+        if self.videos < 1:
+            out.append(("videos", f"{self.videos}: need at least 1"))
+        if self.image_size < MIN_IMAGE_SIZE:
+            out.append(("image_size", f"{self.image_size}: need at least {MIN_IMAGE_SIZE} pixels"))
+        return out
 
 
 @dataclass
@@ -312,6 +326,8 @@ def _tsv(rows) -> str:
 def make_demo_data(out: str | Path, seed: int = 0, spec: DemoSpec | None = None) -> dict:
     """Write a whole demo dataset under ``out``; returns a small summary dict."""
     spec = spec or DemoSpec()
+    if spec.problems():
+        raise ValueError("; ".join(f"{name} {what}" for name, what in spec.problems()))
     out = Path(out)
     for sub in ("frames", "prepared", "dst"):
         (out / sub).mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,42 @@ def test_make_demo_data_cli(tmp_path, capsys):
     assert summary["videos"] == 3 and sum(summary["splits"].values()) == 3
 
 
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--videos", 0, "--videos 0: need at least 1"),
+        ("--videos", -2, "--videos -2: need at least 1"),
+        ("--image-size", 7, "--image-size 7: need at least 8 pixels"),
+        ("--image-size", 0, "--image-size 0: need at least 8 pixels"),
+    ],
+)
+def test_a_demo_that_cannot_be_drawn_is_an_error_line(tmp_path, capsys, flag, value, message):
+    """No traceback from the JPEG encoder for an empty frame, no "wrote -2 videos", and nothing
+    written; the API refuses the same spec."""
+    from dst_train.cli import main
+
+    out = tmp_path / "d"
+    args = ["make-demo-data", "--out", str(out), "--videos", "3", "--image-size", "8"]
+    assert main([*args, flag, str(value)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not out.exists()
+    field = flag.removeprefix("--").replace("-", "_")
+    with pytest.raises(ValueError, match=f"{field} {value}: need at least"):
+        make_demo_data(out, spec=DemoSpec(**{"videos": 3, "image_size": 8, field: value}))
+    assert not out.exists()
+
+
+def test_the_smallest_demo_frames_are_drawn(tmp_path, capsys):
+    from dst_train.cli import main
+
+    out = tmp_path / "d"
+    args = ["--out", str(out), "--videos", "1", "--image-size", "8", "--json"]
+    assert main(["make-demo-data", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["videos"] == 1
+    reader = FrameReader(next((out / "frames").glob("*.arrow")))
+    assert reader.images(0, 1)[0].size == (8, 8)
+
+
 def test_make_demo_data_held_out(tmp_path, capsys):
     from dst_train.cli import main
 
