@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -302,6 +303,39 @@ def _add_local_rank(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _at_least(low: int):
+    """argparse type: an int of at least ``low`` (a count or a size; 0 where it means "the
+    default"). Out of range is argparse's error line naming the option, exit 2."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"need at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse's "invalid int value" for a non-number
+    return parse
+
+
+def _positive(text: str) -> float:
+    """argparse type: a finite number above 0 (GiB)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"need a positive number, got {text}")
+    return value
+
+
+def _share(text: str) -> float:
+    """argparse type: a share of something, in (0, 1] (0.9, not 90)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"need a share in (0, 1], got {text}")
+    return value
+
+
+_positive.__name__ = _share.__name__ = "float"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dst-train", description=__doc__.splitlines()[0])
     # the deepspeed launcher puts --local_rank before the subcommand (LOCAL_RANK is in the env too)
@@ -383,8 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny | smolvlm2-256m | smolvlm2-500m | smolvlm2-2.2b | qwen2.5-vl-3b | "
         "qwen2.5-vl-7b | PATH",
     )
-    p.add_argument("--tokens-per-frame", type=int, default=0, help="k (default: the config's)")
-    p.add_argument("--gpus", type=int, default=2, help="data-parallel GPUs for ZeRO sharding")
+    p.add_argument(
+        "--tokens-per-frame", type=_at_least(0), default=0, help="k (default: the config's)"
+    )
+    p.add_argument(
+        "--gpus", type=_at_least(1), default=2, help="data-parallel GPUs for ZeRO sharding"
+    )
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     p.add_argument("--config", help="run config YAML (its model section is used)")
     p.add_argument("--json", action="store_true")
@@ -394,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache-features", help="precompute pooled vision features of a dataset")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help="feature cache folder")
-    p.add_argument("--batch-size", type=int, default=64, help="frames per vision forward")
+    p.add_argument("--batch-size", type=_at_least(1), default=64, help="frames per vision forward")
     _add_local_rank(p)  # several GPUs: one process each, launched by deepspeed or torchrun
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=_cache_features)
@@ -420,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument(
         "--target-gb",
-        type=float,
+        type=_positive,
         default=24.0,
         help="total memory of the card to plan for (GiB); the CUDA context is taken off it",
     )
@@ -430,13 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="probe with a Turing card's kernels (fp16 + SDPA: Titan RTX, RTX 20xx, T4); "
         "tuned.yaml then says fp16 + SDPA",
     )
-    p.add_argument("--fraction", type=float, default=0.9, help="share of it to fill")
+    p.add_argument("--fraction", type=_share, default=0.9, help="share of it to fill, in (0, 1]")
     p.add_argument("--out", help="report folder (default OUTPUT_DIR/autotune)")
-    p.add_argument("--max-micro", type=int, default=256, help="largest micro-batch to consider")
+    p.add_argument(
+        "--max-micro", type=_at_least(1), default=256, help="largest micro-batch to consider"
+    )
     p.add_argument("--no-cache", action="store_true", help="measure even if a result is cached")
     p.add_argument(
         "--global-batch",
-        type=int,
+        type=_at_least(0),
         default=0,
         help="global batch to keep (default: the run config's)",
     )
@@ -460,13 +500,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=EMBEDDING_HELP,
     )
     p.add_argument("--keep-zero-cost-edges", action="store_true", help=ZERO_COST_HELP)
-    p.add_argument("--max-context", type=int, default=4096, help="tokens before a refresh")
+    p.add_argument("--max-context", type=_at_least(1), default=4096, help="tokens before a refresh")
     p.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=_at_least(1),
         help="decoding limit per turn (default: 1.25 x the longest val reference turn)",
     )
-    p.add_argument("--max-clips", type=int, help="evaluate only the first N clips of the split")
+    p.add_argument(
+        "--max-clips", type=_at_least(1), help="evaluate only the first N clips of the split"
+    )
     p.add_argument(
         "--stream-batch",
         type=int,
@@ -492,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--baseline-clips",
-        type=int,
+        type=_at_least(1),
         help="run the (slow) untrained baseline on the first N clips only; the trained model "
         "is then also scored on those N clips",
     )

@@ -25,3 +25,63 @@ def test_a_subcommand_without_a_required_option_names_it_and_exits_2(argv, optio
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "the following arguments are required" in err and option in err, err
+
+
+# a numeric option out of its range → argparse's error line naming it, before anything runs.
+# Each of these went on before: --max-clips -1 evaluated every clip but the last, --fraction 90
+# planned for 90 times the card, --batch-size 0 ended in a traceback once the model was loaded
+OUT_OF_RANGE = [
+    (["model-info", "--gpus", "two"], "--gpus: invalid int value: 'two'"),
+    (["autotune", "--config", "r.yaml", "--fraction", "most"],
+     "--fraction: invalid float value: 'most'"),
+    (["model-info", "--gpus", "0"], "--gpus: need at least 1, got 0"),
+    (["model-info", "--tokens-per-frame", "-4"], "--tokens-per-frame: need at least 0, got -4"),
+    (["cache-features", "--config", "r.yaml", "--out", "c", "--batch-size", "0"],
+     "--batch-size: need at least 1, got 0"),
+    (["autotune", "--config", "r.yaml", "--fraction", "90"],
+     "--fraction: need a share in (0, 1], got 90"),
+    (["autotune", "--config", "r.yaml", "--fraction", "0"],
+     "--fraction: need a share in (0, 1], got 0"),
+    (["autotune", "--config", "r.yaml", "--target-gb", "-24"],
+     "--target-gb: need a positive number, got -24"),
+    (["autotune", "--config", "r.yaml", "--target-gb", "inf"],
+     "--target-gb: need a positive number, got inf"),
+    (["autotune", "--config", "r.yaml", "--max-micro", "0"], "--max-micro: need at least 1, got 0"),
+    (["autotune", "--config", "r.yaml", "--global-batch", "-8"],
+     "--global-batch: need at least 0, got -8"),
+    (["evaluate", "m", "--data", "d", "--max-clips", "-1"], "--max-clips: need at least 1, got -1"),
+    (["evaluate", "m", "--data", "d", "--baseline-clips", "0"],
+     "--baseline-clips: need at least 1, got 0"),
+    (["evaluate", "m", "--data", "d", "--max-new-tokens", "0"],
+     "--max-new-tokens: need at least 1, got 0"),
+    (["evaluate", "m", "--data", "d", "--max-context", "0"],
+     "--max-context: need at least 1, got 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv, message", OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])
+def test_a_numeric_option_out_of_range_is_named_and_exits_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {message}" in err, err
+
+
+def test_the_ends_of_the_numeric_ranges_parse():
+    """The smallest values that mean something (0 = the default where the help says so)."""
+    from dst_train.cli import build_parser
+
+    parse = build_parser().parse_args
+    info = parse(["model-info", "--gpus", "1", "--tokens-per-frame", "0"])
+    assert (info.gpus, info.tokens_per_frame) == (1, 0)
+    tune = parse(["autotune", "--config", "r", "--fraction", "1", "--target-gb", "0.5",
+                  "--max-micro", "1", "--global-batch", "0"])  # fmt: skip
+    assert (tune.fraction, tune.target_gb, tune.max_micro, tune.global_batch) == (1, 0.5, 1, 0)
+    ev = parse(["evaluate", "m", "--data", "d", "--max-clips", "1", "--baseline-clips", "1",
+                "--max-new-tokens", "1", "--max-context", "1"])  # fmt: skip
+    assert (ev.max_clips, ev.baseline_clips, ev.max_new_tokens, ev.max_context) == (1, 1, 1, 1)
+    assert (
+        parse(["cache-features", "--config", "r", "--out", "c", "--batch-size", "1"]).batch_size
+        == 1
+    )
