@@ -11,7 +11,7 @@ HELDOUT ?= 20
 PORT   ?= 29531
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean gpu-bench gpu-wheels mutation
+.PHONY: demo test lint venv clean gpu-bench gpu-wheels mutation docs
 
 $(STAMP): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ gpu-wheels: $(STAMP)
 mutation: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt coverage
 	$(PY) tools/mutation.py $(MUTATION_ARGS)
+
+# docs/configuration.md: every run option, written from dst_train/config.py (a test keeps them equal)
+docs: $(STAMP)
+	$(PY) -c "from dst_train.config import reference; print(reference(), end='')" > docs/configuration.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses loaded from YAML, overridden by ``key=value`` pairs.
 
 Every option of a run is a field below with its documentation in the field's comment; this file
-is the one place they are listed (docs/configuration.md is generated from the same text).
+is the one place they are listed (docs/configuration.md is written from the same text by
+:func:`reference`, ``make docs``; a test keeps the two equal).
 Unknown keys are errors, values are checked against the field types, and the resolved config is
 written into the run directory so a checkpoint carries the options that made it.
 """
@@ -9,6 +10,7 @@ written into the run directory so a checkpoint carries the options that made it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -29,8 +31,8 @@ class ConfigError(ValueError):
 class DataConfig:
     root: str = ""  # dataset root: prepared/{train,val,test}.jsonl, frames/, dst/
     span_policy: str = "repair"  # DST children outside parent span: error | repair | clip
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = "train"  # prepared/NAME.jsonl trained on
+    val_split: str = "val"  # prepared/NAME.jsonl of the val loss
     max_seq_len: int = 4096  # tokens per sample; longer clips are split at a frame/turn boundary
     negative_frame_keep: float = (
         1.0  # fraction of silent/unchanged frames whose decision loss counts
@@ -47,14 +49,14 @@ class ModelConfig:
     pretrained: bool = True  # load weights (folder/hub); False = random init from the architecture
     tokens_per_frame: int = 1  # k: a perfect square (1, 4, 9, ...)
     head_hidden: int = 0  # speak/update heads: 0 = linear, else MLP hidden width
-    freeze_vision: bool = True
-    freeze_connector: bool = False
-    freeze_lm: bool = False
+    freeze_vision: bool = True  # vision tower frozen (needed for data.feature_cache)
+    freeze_connector: bool = False  # connector (frame features → LM embeddings) frozen
+    freeze_lm: bool = False  # LM and its output layer frozen (model.lora freezes them too)
     lora: bool = False  # LoRA adapters on the LM (heads and connector stay trainable)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale = lora_alpha / lora_r
+    lora_dropout: float = 0.05  # dropout on each adapter's input
+    lora_targets: list[str] = field(  # LM linear layers (module names) that get adapters
         default_factory=lambda: [
             "q_proj",
             "k_proj",
@@ -66,12 +68,12 @@ class ModelConfig:
         ]
     )
     qlora: bool = False  # 4-bit nf4 LM weights (bitsandbytes; GPU or CPU) + LoRA; ZeRO-0/1/2
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute LM activations in backward (less memory)
     # frames per vision-tower call when the tower runs online (training, evaluate's threshold
     # pass): bounds the tower's activations whatever the clip length; 0 = all frames at once.
     # Under ZeRO-3 all frames go in one call (each call gathers the weights on every rank)
     vision_chunk_frames: int = 64
-    gradient_checkpointing_reentrant: bool = False
+    gradient_checkpointing_reentrant: bool = False  # torch's reentrant checkpoint variant
     dtype: str = "auto"  # auto | fp16 | bf16 | fp32 (auto: fp16 < sm80, bf16 >= sm80, cpu_dtype)
     cpu_dtype: str = "fp32"  # what auto means on CPU: fp32 | bf16
     attention: str = "auto"  # auto | sdpa | eager | flash_attention_2
@@ -84,12 +86,12 @@ ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 class LossConfig:
     decision_loss: str = "focal"  # focal | bce (speak and update heads)
     focal_alpha: float = 0.25  # positives weight; negatives get 1 - alpha
-    focal_gamma: float = 2.0
+    focal_gamma: float = 2.0  # focusing exponent of the decision focal loss
     text_focal_gamma: float = 0.0  # response/DST token loss: 0 = cross-entropy
-    speak_weight: float = 1.0
-    update_weight: float = 1.0
-    response_weight: float = 1.0
-    dst_weight: float = 1.0
+    speak_weight: float = 1.0  # the speak decision loss's weight (the total: the weighted sum)
+    update_weight: float = 1.0  # the update (dialog state changed) decision loss's weight
+    response_weight: float = 1.0  # the response tokens' loss weight
+    dst_weight: float = 1.0  # the dialog-state tokens' loss weight
 
 
 @dataclass
@@ -101,11 +103,11 @@ class TrainConfig:
     )
     grad_accum: int = 1  # used when global_batch_size is 0
     max_steps: int = 100  # optimizer steps
-    lr: float = 1e-4
+    lr: float = 1e-4  # peak learning rate (after warm-up)
     min_lr_ratio: float = 0.1  # cosine decay ends at lr × this
     warmup_steps: int = 10  # linear warm-up from 0
     weight_decay: float = 0.0  # not applied to biases and norms
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam's (beta1, beta2), each in [0, 1)
     grad_clip: float = 1.0  # 0 = off
     eval_every: int = 0  # optimizer steps between val-loss evaluations; 0 = only at the end
     eval_batches: int = 0  # micro-batches per evaluation; 0 = the whole val split
@@ -115,7 +117,7 @@ class TrainConfig:
     log_every: int = 1  # optimizer steps between metrics lines (each reads the losses back)
     max_skipped_in_a_row: int = 20  # fp16 overflow: stop after this many skipped steps in a row
     cpu_shm_comm: bool = False  # CPU runs: build DeepSpeed's shared-memory comm op (~45 s compile)
-    tensorboard: bool = True
+    tensorboard: bool = True  # also write TensorBoard events beside metrics.jsonl
     oom_retry: bool = False  # on CUDA OOM: halve micro-batch, replay the step exactly (autotune.md)
     # Adam implementation: false = torch's AdamW through DeepSpeed (no compiled op, works on a
     # pip-only install); true = DeepSpeed's FusedAdam (GPU) / DeepSpeedCPUAdam (offload), which
@@ -133,7 +135,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/default"  # run directory: checkpoints/, hf/, metrics.jsonl, plots
-    seed: int = 0
+    seed: int = 0  # every rank: weights, dropout, data order, negative-frame subsampling
 
     def validate(self) -> list[str]:
         """Every problem at once (litgpt style), empty when the config is usable."""
@@ -396,3 +398,61 @@ def to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+SECTIONS = (("", RunConfig), ("data", DataConfig), ("model", ModelConfig),
+            ("loss", LossConfig), ("train", TrainConfig))  # fmt: skip
+
+
+def reference() -> str:
+    """Every option as a Markdown table (key, type, default, meaning), read from the dataclasses
+    above: the meaning is a field's own comment and the comment lines just above it. This is
+    docs/configuration.md (``make docs`` writes it; a test keeps the two equal)."""
+    comments = _field_comments()
+    lines = [
+        "# Run configuration",
+        "",
+        "Every option of a run (`dst-train train|autotune|cache-features --config RUN.yaml "
+        "key=value ...`). Written by `make docs` from `dst_train/config.py`, the one place the "
+        "options are defined; edit that file, not this one.",
+    ]
+    for prefix, cls in SECTIONS:
+        lines += ["", f"## {prefix or 'top level'}", "", "| option | type | default | meaning |"]
+        lines.append("|---|---|---|---|")
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type) or f.name in {p for p, _ in SECTIONS}:
+                continue  # a section of its own
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            meaning = comments.get((cls.__name__, f.name), "").replace("|", "\\|")
+            lines.append(f"| `{key}` | `{f.type}` | `{json.dumps(default)}` | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def _field_comments() -> dict[tuple[str, str], str]:
+    """{(class, field): its comment}: the comments on the field's own lines, after the comment
+    block right above it."""
+    import ast
+    import io
+    import tokenize
+
+    source = Path(__file__).read_text(encoding="utf-8")
+    on_line: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and "fmt:" not in tok.string:
+            on_line[tok.start[0]] = tok.string.lstrip("#").strip()
+    text_lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if not isinstance(item, ast.AnnAssign):
+                continue
+            above, n = [], item.lineno - 1
+            while n >= 1 and text_lines[n - 1].lstrip().startswith("#"):
+                above.insert(0, on_line[n])
+                n -= 1
+            own = [on_line[k] for k in range(item.lineno, item.end_lineno + 1) if k in on_line]
+            out[(node.name, item.target.id)] = " ".join(above + own)
+    return out

@@ -118,6 +118,31 @@ def test_config_loading_errors(tmp_path):
     assert cfg.train.betas == (0.8, 0.9) and cfg.model.lora is True and cfg.train.lr == 1e-3
 
 
+def test_the_configuration_reference_is_the_config_module_and_lists_every_option():
+    """docs/configuration.md is written from config.py (``make docs``): a changed default or
+    comment that is not written into it fails here, so what users read is what runs."""
+    import dataclasses
+
+    from dst_train.config import SECTIONS, RunConfig, load_config, reference
+
+    text = reference()
+    assert (REPO / "docs" / "configuration.md").read_text(encoding="utf-8") == text, "make docs"
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
+    defaults, keys = RunConfig(), []
+    for prefix, cls in SECTIONS:
+        for f in dataclasses.fields(cls):
+            if f.name in {p for p, _ in SECTIONS}:
+                continue
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            section = getattr(defaults, prefix) if prefix else defaults
+            cell = rows[key].split(" | ")[2].strip("`")  # the default, written as YAML reads it
+            assert json.loads(cell) == json.loads(json.dumps(getattr(section, f.name))), key
+            assert load_config(None, [f"{key}={cell}"]) == defaults, key
+            assert rows[key].split(" | ")[3].strip(" |"), f"{key} has no meaning written"
+            keys.append(key)
+    assert sorted(rows) == sorted(keys) and len(keys) >= 60
+
+
 @pytest.mark.parametrize(
     "path", sorted((REPO / "launch" / "configs").glob("*.yaml")), ids=lambda p: p.name
 )
