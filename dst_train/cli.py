@@ -18,9 +18,10 @@ def _make_demo_data(args: argparse.Namespace) -> int:
     from dst_train.data.synthetic import DemoSpec, make_demo_data
 
     spec = DemoSpec(videos=args.videos, image_size=args.image_size)
-    for name, what in spec.problems():
+    problems = spec.problems()
+    for name, what in problems:
         print(f"error: --{name.replace('_', '-')} {what}", file=sys.stderr)
-    if spec.problems():
+    if problems:
         return 2
     if args.held_out is not None:
         if not 1 <= args.held_out < args.videos / 2:

@@ -420,7 +420,7 @@ def reference() -> str:
         lines += ["", f"## {prefix or 'top level'}", "", "| option | type | default | meaning |"]
         lines.append("|---|---|---|---|")
         for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.type) or f.name in {p for p, _ in SECTIONS}:
+            if f.name in {p for p, _ in SECTIONS}:
                 continue  # a section of its own
             default = f.default_factory() if callable(f.default_factory) else f.default
             key = f"{prefix}.{f.name}" if prefix else f.name
@@ -451,8 +451,8 @@ def _field_comments() -> dict[tuple[str, str], str]:
                 continue
             above, n = [], item.lineno - 1
             while n >= 1 and text_lines[n - 1].lstrip().startswith("#"):
-                above.insert(0, on_line[n])
+                above.insert(0, on_line.get(n, ""))  # a "fmt:" pragma is no documentation
                 n -= 1
             own = [on_line[k] for k in range(item.lineno, item.end_lineno + 1) if k in on_line]
-            out[(node.name, item.target.id)] = " ".join(above + own)
+            out[(node.name, item.target.id)] = " ".join(c for c in above + own if c)
     return out
