@@ -18,12 +18,17 @@ MISSING = [
 ]
 
 
-@pytest.mark.parametrize("argv, option", MISSING, ids=[" ".join(a) for a, _ in MISSING])
-def test_a_subcommand_without_a_required_option_names_it_and_exits_2(argv, option, capsys):
+def _usage_error(argv: list[str], capsys) -> str:
+    """argparse's error line for ``argv`` (it exits 2 before any job starts)."""
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2
-    err = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, option", MISSING, ids=[" ".join(a) for a, _ in MISSING])
+def test_a_subcommand_without_a_required_option_names_it_and_exits_2(argv, option, capsys):
+    err = _usage_error(argv, capsys)
     assert "the following arguments are required" in err and option in err, err
 
 
@@ -61,10 +66,7 @@ OUT_OF_RANGE = [
 
 @pytest.mark.parametrize("argv, message", OUT_OF_RANGE, ids=[" ".join(a) for a, _ in OUT_OF_RANGE])
 def test_a_numeric_option_out_of_range_is_named_and_exits_2(argv, message, capsys):
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
+    err = _usage_error(argv, capsys)
     assert f"argument {message}" in err, err
 
 
