@@ -326,8 +326,9 @@ def _tsv(rows) -> str:
 def make_demo_data(out: str | Path, seed: int = 0, spec: DemoSpec | None = None) -> dict:
     """Write a whole demo dataset under ``out``; returns a small summary dict."""
     spec = spec or DemoSpec()
-    if spec.problems():
-        raise ValueError("; ".join(f"{name} {what}" for name, what in spec.problems()))
+    problems = spec.problems()
+    if problems:
+        raise ValueError("; ".join(f"{name} {what}" for name, what in problems))
     out = Path(out)
     for sub in ("frames", "prepared", "dst"):
         (out / sub).mkdir(parents=True, exist_ok=True)
