@@ -54,7 +54,7 @@ def _cores() -> int:
 def table(rows: list[dict], columns: list[str]) -> str:
     """Plain fixed-width table of ``rows`` (dicts) restricted to ``columns``."""
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[k]) for row in cells)) for k, c in enumerate(columns)]
+    widths = [max([len(c)] + [len(row[k]) for row in cells]) for k, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
