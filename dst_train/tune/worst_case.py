@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dst_train.data.sequence import IGNORE
+
 # Activation bytes kept for backward per token, per layer, per hidden unit, in 16-bit training
 # without recomputation (Korthikanti et al., 2022: 34·s·b·h per layer, attention scores aside);
 # with checkpointing only each layer's input stays (2 bytes per hidden unit).
@@ -48,7 +50,7 @@ class SampleCost:
 
 def labelled_positions(sample) -> int:
     """Positions whose next token is trained on (response and DST text)."""
-    return sum(t != -100 for t in sample.targets)
+    return sum(t != IGNORE for t in sample.targets)
 
 
 def worst_case_candidates(

@@ -3,10 +3,11 @@
 from types import SimpleNamespace
 
 from dst_train.config import load_config
+from dst_train.data.sequence import DST, IGNORE, RESPONSE, Sample
 from dst_train.model.backbone import BackboneShape, arch_config
 from dst_train.tune.autotune import cache_key, choose_worst_case, worst_case_index
 from dst_train.tune.search import Probe
-from dst_train.tune.worst_case import SampleCost, worst_case_candidates
+from dst_train.tune.worst_case import SampleCost, labelled_positions, worst_case_candidates
 
 ARCH = BackboneShape.of(arch_config("smolvlm2-2.2b"), merge=3)  # pixel-shuffle scale 3
 SIZE = 384  # SmolVLM2's frame side in pixels
@@ -17,7 +18,7 @@ class Samples:
 
     def __init__(self, *shapes):
         self.shapes = shapes
-        self.samples = [SimpleNamespace(targets=[-100] * (t - n) + [1] * n) for t, _, n in shapes]
+        self.samples = [SimpleNamespace(targets=[IGNORE] * (t - n) + [1] * n) for t, _, n in shapes]
 
     def lengths(self):
         return [t for t, _, _ in self.shapes]
@@ -58,6 +59,17 @@ def test_labelled_positions_count():
     # same tokens and frames: the one with more vocabulary-sized logit rows costs more
     data = Samples((300, 10, 5), (300, 10, 200))
     assert worst_case_index(data, _cost()) == 1
+
+
+def test_labelled_positions_are_the_positions_the_sequence_labels():
+    # the sequence's own "no target" value, whatever it is: the LM targets of a response and a
+    # DST turn, nothing at the frame and prompt positions
+    sample = Sample(
+        input_ids=[1, 2, 3, 4, 5, 6],
+        targets=[IGNORE, 3, 4, IGNORE, 6, IGNORE],
+        target_kind=[0, RESPONSE, RESPONSE, 0, DST, 0],
+    )
+    assert labelled_positions(sample) == 3
 
 
 def test_close_candidates_are_measured_and_the_highest_peak_wins():
