@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from dst_train.atomic_io import write_text_atomic
+from dst_train.data.dst_tree import COMPLETED
 
 # the flat keys every report.json "metrics" object has (the contract)
 REPORT_KEYS = (
@@ -120,12 +121,12 @@ def plot_timeline(video: dict, png: Path) -> Path:
     ax = axes[2]
     if tree is not None:
         ax.plot(
-            t, [sum(s == "completed" for s in tr.state.values()) for tr in traces], label="tracked"
+            t, [sum(s == COMPLETED for s in tr.state.values()) for tr in traces], label="tracked"
         )
         ax.plot(
             t,
             [
-                sum(s == "completed" for s in tree.state_before((tr.frame + 1) / fps).values())
+                sum(s == COMPLETED for s in tree.state_before((tr.frame + 1) / fps).values())
                 for tr in traces
             ],
             "--",
