@@ -62,11 +62,11 @@ def test_labelled_positions_count():
 
 
 def test_labelled_positions_are_the_positions_the_sequence_labels():
-    # the sequence's own "no target" value, whatever it is: the LM targets of a response and a
-    # DST turn, nothing at the frame and prompt positions
+    # the sequence's own "no target" value, whatever it is, and never a token id: the LM
+    # targets of a response and a DST turn, nothing at the frame and prompt positions
     sample = Sample(
-        input_ids=[1, 2, 3, 4, 5, 6],
-        targets=[IGNORE, 3, 4, IGNORE, 6, IGNORE],
+        input_ids=[1, 100, 3, 4, 5, 6],
+        targets=[IGNORE, 100, 4, IGNORE, 6, IGNORE],
         target_kind=[0, RESPONSE, RESPONSE, 0, DST, 0],
     )
     assert labelled_positions(sample) == 3
