@@ -53,6 +53,27 @@ def test_layout_decisions_and_targets(parts, k):
     assert len(text[DST]) == sum(labels.update)
 
 
+def test_a_tokenizer_that_adds_special_tokens_adds_none_inside_the_sequence(parts, tiny_model_dir):
+    """Llama-style tokenizers add BOS (and some EOS) to every call by default; the pieces of a
+    sequence are tokenized one by one, so that default would put one before every turn."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    tok, labels, tree = parts
+    adding = copy.deepcopy(tok)
+    bos, eos = ChatFormat().bos, ChatFormat().end
+    adding.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        special_tokens=[(t, tok.convert_tokens_to_ids(t)) for t in (bos, eos)],
+    )
+    assert adding("Hi")["input_ids"] == [tok.convert_tokens_to_ids(bos), *tok("Hi")["input_ids"],
+                                          tok.convert_tokens_to_ids(eos)]  # fmt: skip
+    (plain,) = _builder(tok).build(labels, tree)
+    (got,) = _builder(adding).build(labels, tree)
+    assert got.input_ids == plain.input_ids and got.targets == plain.targets
+
+
 def test_a_max_len_that_cannot_hold_the_prompt_or_a_frame_is_a_named_error(parts):
     tok, labels, tree = parts
     instruction = next(t.content for t in labels.clip.conversation if t.role == "system")
