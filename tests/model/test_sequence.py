@@ -95,6 +95,7 @@ def test_long_clip_splits_at_boundaries_with_refreshed_state(parts):
     assert len(chunks) >= 3
     assert all(len(c) <= limit for c in chunks)
     assert [f for c in chunks for f in c.frames] == full.frames  # every frame exactly once
+    assert [c.source for c in chunks] == [f"{labels.clip.source}#{i}" for i in range(len(chunks))]
     assert sum(len(c.decision_pos) for c in chunks) == len(full.decision_pos)
     # each continuation starts with the system prompt showing the state reached so far
     state = dict(labels.initial_state)
