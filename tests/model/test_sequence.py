@@ -126,6 +126,15 @@ def test_a_clip_without_frames_makes_no_sample(parts):
     blind = dataclasses.replace(labels, segments=[s for s in labels.segments if s.kind != "frames"])
     assert any(s.kind == "assistant" for s in blind.segments)
     assert _builder(tok).build(blind, tree) == []
+    # ... also when its turns fill max_seq_len exactly (no frame's tokens are counted for them)
+    builder = _builder(tok)
+    instruction, *turns = [s for s in blind.segments if s.kind != "frames"]  # 1st: the system
+    exact = len(builder.system_ids(instruction.text, tree, labels.initial_state)) + sum(
+        len(builder.turn_ids(s.kind, s.text)[0]) for s in turns
+    )
+    assert _builder(tok, max_len=exact).build(blind, tree) == []
+    with pytest.raises(SequenceTooLong):
+        _builder(tok, max_len=exact - 1).build(blind, tree)
 
 
 def test_turn_too_long_is_a_clear_error(parts):
