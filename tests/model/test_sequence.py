@@ -120,6 +120,26 @@ def test_a_clip_that_fits_max_seq_len_exactly_is_one_sample(parts):
     assert len(chunks) == 2
 
 
+def test_a_second_system_turn_is_in_the_sequence_where_it_was_said(parts):
+    """ProAssist puts the task knowledge in a second system turn after the first user turn: it
+    stays in the stream (untrained), and only the first system turn becomes the prompt."""
+    from dst_train.data.labels import Segment
+
+    tok, labels, tree = parts
+    first_frames = next(i for i, s in enumerate(labels.segments) if s.kind == "frames")
+    knowledge = Segment("system", "Task knowledge: unscrew the wheels first", frame=labels.start)
+    segments = list(labels.segments)
+    segments.insert(first_frames + 1, knowledge)
+    (plain,) = _builder(tok).build(labels, tree)
+    (got,) = _builder(tok).build(dataclasses.replace(labels, segments=segments), tree)
+    turn, _, _ = _builder(tok).turn_ids("system", knowledge.text)
+    assert len(got) == len(plain) + len(turn)
+    at = next(i for i in range(len(got)) if got.input_ids[i : i + len(turn)] == turn)
+    assert at > got.input_ids.index(IMG)  # after a frame, not in the prompt
+    assert got.targets[at : at + len(turn)] == [IGNORE] * len(turn)
+    assert got.input_ids[:at] + got.input_ids[at + len(turn) :] == plain.input_ids
+
+
 def test_a_clip_without_frames_makes_no_sample(parts):
     # nothing to decide and nothing to see: its turns alone would train the LM blind
     tok, labels, tree = parts
