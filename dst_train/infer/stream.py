@@ -3,7 +3,8 @@
 Frame by frame: feed the frame's k tokens, read the speak and update probabilities at its last
 token; above the update threshold, feed ``State: `` and decode the transition text *constrained*
 to valid node ids and states, apply it, check the tree and repair it if needed; feed the user's
-turns of that frame (they are inputs, as in ProAssist's evaluation); above the speak threshold,
+and later system turns of that frame (they are inputs, as in ProAssist's evaluation; turns said
+before the first frame follow the first system prompt, as in training); above the speak threshold,
 feed ``Assistant: `` and decode a response. When the cache nears ``max_context`` tokens the
 context restarts from the system prompt + the current rendered state (context refresh).
 The vision tower runs batched over a window of frames ahead of the LM, and several clips
@@ -132,10 +133,16 @@ class _Row:
         self.instruction = next((t.content for t in clip.conversation if t.role == "system"), "")
         self.state = dict(job.labels.initial_state) if job.tree is not None else None
         self.grammar = TransitionGrammar(job.tree.order) if job.tree is not None else None
-        self.user_turns: dict[int, list[str]] = {}
+        # the turns the stream is given, by the frame they follow (None: before any frame), in
+        # the training sequence's places (SequenceBuilder._units): the first system turn is the
+        # prompt; user turns and later system turns (ProAssist's task knowledge) are inputs
+        self.given: dict[int | None, list[tuple[str, str]]] = {}
+        prompt_seen = False
         for seg in job.labels.segments:
-            if seg.kind == "user" and seg.frame is not None:
-                self.user_turns.setdefault(seg.frame, []).append(seg.text)
+            if seg.kind == "system" and not prompt_seen:
+                prompt_seen = True
+            elif seg.kind in ("user", "system"):
+                self.given.setdefault(seg.frame, []).append((seg.kind, seg.text))
         self.fps = clip.fps
         self.frame_ids = list(range(clip.start_frame_idx, clip.end_frame_idx))
         self.next = 0  # index in frame_ids of the frame to stream next
@@ -232,16 +239,17 @@ class StreamingAssistant:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self.model.backbone.embed_tokens(torch.tensor([ids], device=self.device))[0]
 
-    def _user_ids(self, row: _Row) -> list[int]:
-        """The tokens of the user turns at ``row``'s next frame (fed after its DST update)."""
-        turns = row.user_turns.get(row.frame_ids[row.next], [])
-        return [i for text in turns for i in self.b.turn_ids("user", text)[0]]
+    def _given_ids(self, row: _Row, frame: int | None) -> list[int]:
+        """The tokens of the turns ``row`` is given after ``frame`` (fed after its DST update;
+        None: before the first frame, fed after the first system prompt)."""
+        turns = row.given.get(frame, [])
+        return [i for kind, text in turns for i in self.b.turn_ids(kind, text)[0]]
 
-    def _frame_budget(self, row: _Row, user_tokens: int) -> int:
+    def _frame_budget(self, row: _Row, given_tokens: int) -> int:
         """The most tokens the next frame of ``row`` can add: its k frame tokens, a decoded DST
-        update, the frame's ``user_tokens`` and a decoded reply."""
+        update, the frame's ``given_tokens`` and a decoded reply."""
         dst = self.dst_turn_max if row.grammar is not None else 0
-        return self.model.backbone.tokens_per_frame + dst + user_tokens + self.reply_turn_max
+        return self.model.backbone.tokens_per_frame + dst + given_tokens + self.reply_turn_max
 
     def _check_room(self, prompt_tokens: int, budget: int, row: _Row) -> None:
         """A fresh context must hold one frame's worst case: below that every frame would
@@ -251,17 +259,18 @@ class StreamingAssistant:
             raise ContextTooSmall(
                 f"max_context {self.max_context} is too small for clip "
                 f"{row.job.labels.clip.video_uid}: its system prompt (instruction, task tree, "
-                f"state) takes {prompt_tokens} tokens and frame {row.frame_ids[row.next]} may add "
-                f"{budget} (frame tokens, user turns, two decoded turns of up to max_new_tokens "
+                f"state; at the start, the turns before the first frame) takes {prompt_tokens} "
+                f"tokens and frame {row.frame_ids[row.next]} may add {budget} (frame tokens, the "
+                f"turns given after it, two decoded turns of up to max_new_tokens "
                 f"= {self.max_new_tokens}); raise --max-context"
             )
 
     def _step(self, cache: PaddedCache, live: dict[int, _Row]) -> None:
-        """One frame of every live row: refresh, frame, DST update, user turns, response.
+        """One frame of every live row: refresh, frame, DST update, given turns, response.
         A row refreshes when its next frame's worst case would pass ``max_context``, so the
         context never does."""
-        users = {r: self._user_ids(row) for r, row in live.items()}
-        budget = {r: self._frame_budget(row, len(users[r])) for r, row in live.items()}
+        given = {r: self._given_ids(row, row.frame_ids[row.next]) for r, row in live.items()}
+        budget = {r: self._frame_budget(row, len(given[r])) for r, row in live.items()}
         refresh = {
             r: row
             for r, row in live.items()
@@ -272,7 +281,10 @@ class StreamingAssistant:
                 cache.restart(r)
             cache.feed(
                 {
-                    r: self._embed(self.b.system_ids(row.instruction, row.tree, row.state))
+                    r: self._embed(
+                        self.b.system_ids(row.instruction, row.tree, row.state)
+                        + ([] if row.started else self._given_ids(row, None))
+                    )
                     for r, row in refresh.items()
                 }
             )
@@ -302,9 +314,9 @@ class StreamingAssistant:
             texts = self._decode(cache, {r: prompt for r in dst}, {r: live[r].grammar for r in dst})
             for r, text in texts.items():
                 live[r].state = self._apply(live[r].tree, live[r].state, text, traces[r])
-        users = {r: ids for r, ids in users.items() if ids}
-        if users:
-            cache.feed({r: self._embed(ids) for r, ids in users.items()})
+        given = {r: ids for r, ids in given.items() if ids}
+        if given:
+            cache.feed({r: self._embed(ids) for r, ids in given.items()})
         speakers = [r for r in live if traces[r].speak_prob > self.speak_threshold]
         if speakers:
             prompt = self.b.ids(self.chat.assistant)

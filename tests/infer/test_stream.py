@@ -112,6 +112,40 @@ def test_cached_streaming_equals_one_full_forward(setup):
     assert not torch.allclose(swapped[0], streamed[0], atol=1e-4)
 
 
+def test_streaming_feeds_the_given_turns_where_training_puts_them(setup):
+    """The turns the stream is given (user turns and ProAssist's later system turns, such as the
+    task knowledge after the first user turn; turns said before the first frame) are where the
+    training sequence has them: a silent stream's probabilities equal one forward pass of the
+    training sequence of the clip without its assistant and DST turns."""
+    import dataclasses
+
+    from dst_train.data.labels import Segment
+
+    model, tok, builder, labels, tree, frames = setup
+    model = _varied_heads(model)
+    segments = [s for s in labels.segments if s.kind not in ("assistant", "dst")]
+    first_user = next(i for i, s in enumerate(segments) if s.kind == "user" and s.frame)
+    said = segments[first_user].frame
+    segments.insert(first_user + 1, Segment("system", "Task knowledge: wheels first", frame=said))
+    segments.insert(1, Segment("user", "Hello, I am ready to start.", frame=None))
+    assert segments[0].kind == "system" and segments[2].kind == "frames"
+    given = dataclasses.replace(labels, segments=segments, dst_updates={})
+    silent = StreamingAssistant(
+        model, tok, builder, frame_batch=7, speak_threshold=2.0, update_threshold=2.0
+    )
+    traces = silent.run(given, tree, frames)
+    (sample,) = builder.build(given, tree)
+    assert sample.frames == [t.frame for t in traces]
+    with torch.no_grad():
+        ids = torch.tensor([sample.input_ids])
+        embeds = model.embed(ids, model.frame_embeddings(**frames(sample.frames)))
+        hidden, _ = model.backbone.decode(embeds, torch.ones_like(ids))
+        h = hidden[0, sample.decision_pos]
+        for head, key in ((model.speak_head, "speak_prob"), (model.update_head, "update_prob")):
+            got = torch.tensor([getattr(t, key) for t in traces])
+            assert torch.allclose(torch.sigmoid(head(h)), got, rtol=0, atol=2e-6), key
+
+
 def test_forced_decoding_refreshes_the_context_and_keeps_a_valid_state(setup, monkeypatch):
     from dst_train.infer.padded_cache import PaddedCache
 
@@ -144,8 +178,10 @@ def test_forced_decoding_refreshes_the_context_and_keeps_a_valid_state(setup, mo
 def test_a_refresh_starts_from_the_state_reached_and_decoded_turns_end_as_in_training(
     setup, monkeypatch
 ):
+    from dst_train.data.labels import Segment
+
     model, tok, builder, labels, tree, frames = setup
-    fed, prompted = [], []  # every token list fed; the state of every system prompt built
+    fed, prompted, built = [], [], []  # every token list fed; each system prompt's state, ids
     embed, system_ids = StreamingAssistant._embed, builder.system_ids
 
     def record_embed(self, ids):
@@ -154,16 +190,23 @@ def test_a_refresh_starts_from_the_state_reached_and_decoded_turns_end_as_in_tra
 
     def record_system(instruction, tree, state):
         prompted.append(dict(state))
-        return system_ids(instruction, tree, state)
+        built.append(system_ids(instruction, tree, state))
+        return built[-1]
 
     monkeypatch.setattr(StreamingAssistant, "_embed", record_embed)
     monkeypatch.setattr(builder, "system_ids", record_system)
     assistant = _assistant(
         setup, speak_threshold=-1.0, update_threshold=-1.0, max_context=300, max_new_tokens=8
     )
-    traces = assistant.run(_first_frames(labels, 24), tree, frames)
+    short = _first_frames(labels, 24)
+    hello = Segment("user", "Hello.", frame=None)  # said before the first frame
+    short.segments = [short.segments[0], hello, *short.segments[1:]]
+    traces = assistant.run(short, tree, frames)
     refreshes = [i for i, t in enumerate(traces) if t.refreshed]
     assert len(refreshes) == len(prompted) >= 3 and refreshes[0] == 0
+    # the turns before the first frame follow the first prompt only (as in training)
+    assert fed[0] == built[0] + builder.turn_ids("user", "Hello.")[0]
+    assert all(prompt in fed for prompt in built[1:])
     assert prompted[0] == labels.initial_state
     assert [traces[i - 1].state for i in refreshes[1:]] == prompted[1:]
     assert any(p != labels.initial_state for p in prompted[1:])  # the state had moved on
@@ -319,8 +362,7 @@ def test_a_frame_adds_at_most_its_budget_and_a_reply_that_runs_to_the_limit_adds
     step = StreamingAssistant._step
 
     def watched(self, cache, live):
-        before = {r: (cache.length(r), self._frame_budget(row, len(self._user_ids(row))))
-                  for r, row in live.items()}  # fmt: skip
+        before = {r: (cache.length(r), _budget(self, row)) for r, row in live.items()}
         step(self, cache, live)
         for r, row in live.items():
             if not row.traces[-1].refreshed:
@@ -335,6 +377,11 @@ def test_a_frame_adds_at_most_its_budget_and_a_reply_that_runs_to_the_limit_adds
         assert any(g == budget for g, budget in grown), grown
 
 
+def _budget(assistant, row) -> int:
+    """The budget of ``row``'s next frame, with the turns it is given after that frame."""
+    return assistant._frame_budget(row, len(assistant._given_ids(row, row.frame_ids[row.next])))
+
+
 def _frames_seen(monkeypatch) -> list:
     """Per streamed frame that did not refresh: (context length before it, its budget, tokens
     it added)."""
@@ -345,7 +392,7 @@ def _frames_seen(monkeypatch) -> list:
 
     def watched(self, cache, live):
         (r, row), = live.items()  # fmt: skip
-        before = cache.length(r), self._frame_budget(row, len(self._user_ids(row)))
+        before = cache.length(r), _budget(self, row)
         step(self, cache, live)
         if not row.traces[-1].refreshed:
             seen.append((*before, cache.length(r) - before[0]))
