@@ -145,11 +145,14 @@ def _check_clip(
             f"{where}: {labels.pre_frame_assistant_turns} assistant turn(s) before "
             "the first frame (no speak label)"
         )
-    covered = sum(s.end - s.start for s in labels.segments if s.kind == "frames")
-    if covered != clip.num_frames:
-        rep.warnings.append(
-            f"{where}: frames turns cover {covered} of the clip's {clip.num_frames} frames"
-        )
+    shown = {f for s in labels.segments if s.kind == "frames" for f in range(s.start, s.end)}
+    if len(shown) != clip.num_frames:
+        warning = f"{where}: frames turns cover {len(shown)} of the clip's {clip.num_frames} frames"
+        # training sequences hold only the frames shown: a DST update elsewhere is never trained
+        hidden = sorted(f for f in labels.dst_updates if f not in shown)
+        if hidden:
+            warning += f"; DST updates at frames {hidden} fall on no frame shown (never trained)"
+        rep.warnings.append(warning)
     for seg in labels.segments:
         if seg.kind == "assistant" and seg.frame is not None and seg.time is not None:
             lo, hi = (seg.frame - 1) / clip.fps, (seg.frame + 2) / clip.fps  # ±1 frame

@@ -99,6 +99,31 @@ def test_an_assistant_turn_before_the_first_frame_is_a_warning(tmp_path, capsys)
     ]
 
 
+@pytest.mark.parametrize("end_s, hidden", [(3.2, [6]), (2.2, [])])
+def test_frames_no_turn_shows_are_a_warning_that_names_the_dst_updates_there(
+    tmp_path, capsys, end_s, hidden
+):
+    """Frame 6 (3.0-3.5 s) is in no frames turn: training never shows it, so a DST update
+    labelled there never reaches a training sequence (evaluation streams every frame)."""
+    from tests.conftest import write_tsv
+
+    record = copy.deepcopy(RECORD)
+    record["conversation"][5] = {"role": "frames", "start": 7, "end": 10}
+    rows = [("STEP", "1", 0, 10, "build"), ("SUBSTEP", "1.1", 1, end_s, "base"),
+            ("ACTION", "1.1.1", 1, end_s, "screw")]  # fmt: skip
+    tsv = write_tsv(tmp_path / "vid_a.tsv", rows)
+    path = tmp_path / "prepared.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    code, out = _run(
+        capsys, "--prepared", str(path), "--dst-tsv", str(tsv), "--no-frames", "--json"
+    )
+    report = json.loads(out)
+    warning = f"{path}:1: frames turns cover 7 of the clip's 8 frames"
+    if hidden:
+        warning += f"; DST updates at frames {hidden} fall on no frame shown (never trained)"
+    assert code == 0 and report["warnings"] == [warning]
+
+
 def _broken_copy(demo_root, tmp_path):
     root = tmp_path / "broken"
     shutil.copytree(demo_root, root)
