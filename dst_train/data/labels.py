@@ -56,6 +56,18 @@ class ClipLabels:
     def num_frames(self) -> int:
         return len(self.speak)
 
+    @property
+    def prompt_index(self) -> int | None:
+        """Index in ``segments`` of the first system turn: the instruction, which opens every
+        sequence (and every streamed context) as the prompt. Every later turn, system turns
+        included, stays in the stream where it was said."""
+        return next((i for i, s in enumerate(self.segments) if s.kind == "system"), None)
+
+    @property
+    def instruction(self) -> str:
+        i = self.prompt_index
+        return "" if i is None else self.segments[i].text
+
 
 def build_clip_labels(clip: ClipRecord, tree: DSTTree | None = None) -> ClipLabels:
     """Labels and streaming layout of ``clip``; ``tree`` is its video's DST (or None)."""

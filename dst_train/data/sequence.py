@@ -95,7 +95,7 @@ class SequenceBuilder:
     # ------------------------------------------------------------- build
     def build(self, labels: ClipLabels, tree: DSTTree | None) -> list[Sample]:
         clip = labels.clip
-        instruction = next((t.content for t in clip.conversation if t.role == "system"), "")
+        instruction = labels.instruction
         state = dict(labels.initial_state) if labels.initial_state is not None else None
         samples: list[Sample] = []
         cur = self._start(labels, instruction, tree, state, 0)
@@ -125,10 +125,9 @@ class SequenceBuilder:
         """Atomic pieces that are never split: a frame with the turns that react to it (its DST
         update, the reply, a user turn), or turns before the first frame (frame None)."""
         frame, turns = None, []
-        seen_system = False
-        for seg in labels.segments:
-            if seg.kind == "system" and not seen_system:
-                seen_system = True  # the first system turn is the instruction, already in place
+        prompt = labels.prompt_index  # the instruction: already in place
+        for i, seg in enumerate(labels.segments):
+            if i == prompt:
                 continue
             if seg.kind == "frames":
                 for f in range(seg.start, seg.end):

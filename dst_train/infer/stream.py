@@ -130,18 +130,16 @@ class _Row:
         self.index = index  # the job's place in the caller's list
         self.job = job
         self.tree = job.tree
-        self.instruction = next((t.content for t in clip.conversation if t.role == "system"), "")
+        self.instruction = job.labels.instruction
         self.state = dict(job.labels.initial_state) if job.tree is not None else None
         self.grammar = TransitionGrammar(job.tree.order) if job.tree is not None else None
         # the turns the stream is given, by the frame they follow (None: before any frame), in
-        # the training sequence's places (SequenceBuilder._units): the first system turn is the
-        # prompt; user turns and later system turns (ProAssist's task knowledge) are inputs
+        # the training sequence's places (SequenceBuilder._units): user turns and the system
+        # turns after the prompt (ProAssist's task knowledge) are inputs
         self.given: dict[int | None, list[tuple[str, str]]] = {}
-        prompt_seen = False
-        for seg in job.labels.segments:
-            if seg.kind == "system" and not prompt_seen:
-                prompt_seen = True
-            elif seg.kind in ("user", "system"):
+        prompt = job.labels.prompt_index
+        for i, seg in enumerate(job.labels.segments):
+            if i != prompt and seg.kind in ("user", "system"):
                 self.given.setdefault(seg.frame, []).append((seg.kind, seg.text))
         self.fps = clip.fps
         self.frame_ids = list(range(clip.start_frame_idx, clip.end_frame_idx))
