@@ -251,9 +251,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from dst_train.infer.stream import ContextTooSmall
     from dst_train.ranks import Ranks, inference_device
 
-    if args.stream_batch < 1:
-        print(f"error: --stream-batch {args.stream_batch}: need at least 1", file=sys.stderr)
-        return 2
     try:
         inference_device(args.device)
     except (ValueError, RuntimeError) as e:
@@ -512,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stream-batch",
-        type=int,
+        type=_at_least(1),
         default=8,
         help="clips streamed at once, one per batch row (traces do not depend on it)",
     )

@@ -61,6 +61,8 @@ OUT_OF_RANGE = [
      "--max-new-tokens: need at least 1, got 0"),
     (["evaluate", "m", "--data", "d", "--max-context", "0"],
      "--max-context: need at least 1, got 0"),
+    (["evaluate", "m", "--data", "d", "--stream-batch", "0"],
+     "--stream-batch: need at least 1, got 0"),
 ]  # fmt: skip
 
 
@@ -81,8 +83,9 @@ def test_the_ends_of_the_numeric_ranges_parse():
                   "--max-micro", "1", "--global-batch", "0"])  # fmt: skip
     assert (tune.fraction, tune.target_gb, tune.max_micro, tune.global_batch) == (1, 0.5, 1, 0)
     ev = parse(["evaluate", "m", "--data", "d", "--max-clips", "1", "--baseline-clips", "1",
-                "--max-new-tokens", "1", "--max-context", "1"])  # fmt: skip
+                "--max-new-tokens", "1", "--max-context", "1", "--stream-batch", "1"])  # fmt: skip
     assert (ev.max_clips, ev.baseline_clips, ev.max_new_tokens, ev.max_context) == (1, 1, 1, 1)
+    assert ev.stream_batch == 1
     assert (
         parse(["cache-features", "--config", "r", "--out", "c", "--batch-size", "1"]).batch_size
         == 1

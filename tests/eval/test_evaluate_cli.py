@@ -91,17 +91,6 @@ def test_evaluate_writes_the_report_with_a_baseline_row(demo_root, model_folder,
         assert again[key] == pytest.approx(report["metrics"][key], abs=1e-9), key
 
 
-def test_evaluate_rejects_a_stream_batch_below_one(tmp_path, capsys):
-    from dst_train.cli import main
-
-    assert main(["evaluate", str(tmp_path), "--data", str(tmp_path), "--stream-batch", "0"]) == 2
-    assert "error: --stream-batch 0" in capsys.readouterr().err
-    # 1 (a clip at a time) passes the check: the next one names the folder, not a model's
-    assert main(["evaluate", str(tmp_path), "--data", str(tmp_path), "--stream-batch", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "--stream-batch" not in err and "dst_config.json" in err
-
-
 def test_evaluate_names_a_folder_that_is_not_a_model(demo_root, tmp_path, capsys):
     from dst_train.cli import main
 
