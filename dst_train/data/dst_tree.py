@@ -316,7 +316,7 @@ def read_dst_tsv(
     if any(i.severity == "error" for i in issues):
         return None, issues
     nodes = _build_nodes(src, rows, issues)
-    if nodes is None or any(i.severity == "error" for i in issues):
+    if any(i.severity == "error" for i in issues):  # later checks on a partial tree mislead
         return None, issues
     tree_nodes = _resolve_spans(src, nodes, span_policy, issues)
     _check_overlaps(src, tree_nodes, issues)
@@ -394,7 +394,7 @@ def _parse_rows(src: str, text: str, issues: list[Issue]) -> list[_Row]:
     return rows
 
 
-def _build_nodes(src: str, rows: list[_Row], issues: list[Issue]) -> dict[str, _Row] | None:
+def _build_nodes(src: str, rows: list[_Row], issues: list[Issue]) -> dict[str, _Row]:
     """Check ids, types, parents, order and duplicates; return rows keyed by id."""
     by_id: dict[str, _Row] = {}
     styles: dict[str, int] = {}  # id style -> line of its first row

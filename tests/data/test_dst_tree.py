@@ -371,3 +371,55 @@ def test_a_tsv_that_is_not_utf8_is_an_issue_with_its_line(tmp_path):
     path.write_bytes(path.read_bytes().replace(b"a\n", b"caf\xe9\n"))
     tree, issues = read_dst_tsv(path)
     assert tree is None and issues[0].line == 3 and "not UTF-8" in str(issues[0])
+
+
+def test_repair_ties_keep_the_given_root_state_then_the_earliest(tmp_path):
+    """Equally near valid states: the one that keeps the root's given state, else the one whose
+    root state comes first in not_started < in_progress < completed."""
+    tree = _big_tree(tmp_path)
+    state = tree.initial_state()
+    state.update({"2": COMPLETED, "2.1": COMPLETED})  # actions not_started: 2 changes either way
+    fixed = repair_state(tree, state)
+    assert [fixed[n] for n in ("2", "2.1", "2.1.1", "2.1.2")] == [COMPLETED] * 4
+    state = tree.initial_state()
+    state.update({"2.1": COMPLETED, "2.1.1": COMPLETED})  # step 2 unlisted: no given state
+    del state["2"]
+    fixed = repair_state(tree, state)  # completed (2.1.2 changes) ties in_progress (2.1 changes)
+    want = [IN_PROGRESS, IN_PROGRESS, COMPLETED, NOT_STARTED]
+    assert [fixed[n] for n in ("2", "2.1", "2.1.1", "2.1.2")] == want
+
+
+def test_an_unweighted_node_costs_1(tmp_path):
+    """A weight of 1.5 is dearer than one default node and cheaper than two."""
+    tree = _big_tree(tmp_path)
+    state = tree.initial_state()
+    state["1.1.1"] = IN_PROGRESS  # undo it (1.5) or carry its 2 parents along (2)
+    assert repair_state(tree, state, {"1.1.1": 1.5})["1.1.1"] == NOT_STARTED
+    assert repair_state(tree, state, {"1.1.1": 2.5})["1.1.1"] == IN_PROGRESS
+
+
+def test_an_empty_file_is_an_issue_and_a_missing_last_newline_is_fine(tmp_path):
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    tree, issues = read_dst_tsv(empty)
+    assert tree is None and [i.message for i in issues] == ["empty file (expected a header row)"]
+    path = write_tsv(tmp_path / "v.tsv", NUMERIC)
+    whole = load_dst_tsv(path)
+    path.write_text(path.read_text().removesuffix("\n"))
+    assert load_dst_tsv(path).nodes == whole.nodes
+
+
+def test_an_error_while_building_the_tree_is_not_followed_by_span_checks(tmp_path):
+    """Substep 1.1 loses its only action (a malformed id): 'no children' is the error. Checking
+    spans on what is left would also blame step 1 for a child span [0, 0] that is not in the
+    file."""
+    rows = [
+        ("STEP", "1", 5, 10, "s"),
+        ("SUBSTEP", "1.1", "", "", "u"),
+        ("ACTION", "1.1.x", 5, 7, "a"),
+        ("SUBSTEP", "1.2", 5, 10, "v"),
+        ("ACTION", "1.2.1", 5, 10, "b"),
+    ]
+    tree, issues = read_dst_tsv(write_tsv(tmp_path / "v.tsv", rows))
+    assert tree is None
+    assert [(i.line, i.severity) for i in issues] == [(4, "error"), (3, "error")], issues
