@@ -154,6 +154,15 @@ BAD_CASES = {
         "action '1.1.1' has an empty timestamp",
     ),
     "childless": ([("STEP", "1", 0, 1, "s")], "step '1' has no children"),
+    "childless_after_a_full_step": (
+        [
+            ("STEP", "1", 0, 1, "s"),
+            ("SUBSTEP", "1.1", 0, 1, "u"),
+            ("ACTION", "1.1.1", 0, 1, "a"),
+            ("STEP", "2", 1, 2, "t"),
+        ],
+        "step '2' has no children",
+    ),
     "mixed": (
         [
             ("STEP", "1", 0, 1, "s"),
@@ -182,6 +191,7 @@ BAD_LINES = {
     "order": 5,
     "leaf_empty": 4,
     "childless": 2,
+    "childless_after_a_full_step": 5,
     "mixed": 5,  # the first row of the second style
     "empty_file": None,  # no row to name
 }
@@ -260,6 +270,8 @@ def test_overlapping_siblings_warn(tmp_path):
     tree, issues = read_dst_tsv(write_tsv(tmp_path / "v.tsv", rows))
     assert tree is not None
     assert [(i.line, i.severity) for i in issues] == [(5, "warning")]
+    rows[3] = ("ACTION", "1.1.2", 5, 9, "b")  # starts as its sibling ends: back to back, fine
+    assert read_dst_tsv(write_tsv(tmp_path / "v.tsv", rows))[1] == []
 
 
 def test_check_state_reports_inconsistency(tmp_path):

@@ -218,6 +218,9 @@ def test_a_huge_cell_is_a_named_error(tmp_path, capsys):
     assert report["errors"] == [
         f"{path}:6: error: field name has 200000 characters (at most 10000)"
     ]
+    path.write_bytes(TSV + b"ACTION\t1.1.3\t5\t6\t" + b"x" * 10_000 + b"\n")  # at the limit: fine
+    code, report = _validate(capsys, "--dst-tsv", str(path))
+    assert code == 0 and report["errors"] == []
 
 
 # ----------------------------------------------------------------------------- YAML config
