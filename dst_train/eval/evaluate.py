@@ -177,10 +177,10 @@ def run_split(
     max_context: int,
     max_new_tokens: int,
     trace_dir: Path | None,
-    stream_batch: int = 8,
-    device: torch.device = CPU,
-    settings: dict | None = None,
-    resume: bool = False,
+    stream_batch: int,
+    device: torch.device,
+    settings: dict,
+    resume: bool,
     ranks: Ranks | None = None,
 ) -> tuple[list[dict], list[int]]:
     """Stream every clip of ``labels_list`` (``stream_batch`` at once) and write each trace to
@@ -192,7 +192,6 @@ def run_split(
     from dst_train.infer.stream import StreamingAssistant, StreamJob
 
     ranks = ranks or Ranks()
-    settings = settings or {}
     done_before = finished_traces(trace_dir, settings, labels_list) if resume and trace_dir else {}
     ranks.barrier()  # every rank has read what it resumes from before the folder is rewritten
     if trace_dir is not None and ranks.main:

@@ -277,3 +277,29 @@ def test_the_report_table_has_a_column_per_model_and_na_where_a_metric_is_undefi
     assert rows["update_precision"] == "| update_precision | n/a | 0.250 | 0.000 |"
     # without a baseline: one column
     assert table({"metrics": trained}).splitlines()[0] == "| metric | trained |"
+
+
+def test_the_baseline_is_an_untrained_model_the_same_on_every_load(
+    model_folder,  # noqa: F811
+    tmp_path,
+):
+    """``--baseline`` builds the architecture with fresh random weights, never the folder's. The
+    test model's backbone is itself a seed-0 random init, bit-identical to the baseline's, so a
+    copy with moved backbone weights stands for a trained one."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dst_train.eval.evaluate import load_models
+
+    trained = tmp_path / "trained"
+    shutil.copytree(model_folder, trained)
+    weights = trained / "model.safetensors"
+    save_file({k: v + 0.5 for k, v in load_file(weights).items()}, weights, {"format": "pt"})
+    models = load_models(trained, baseline=True)
+    model, base = models["model"].state_dict(), models["baseline"].state_dict()
+    again = load_models(trained, baseline=True)["baseline"].state_dict()
+    matrices = [k for k in model if k.startswith("backbone.") and model[k].dim() >= 2]
+    assert matrices and not any(torch.equal(base[k], model[k]) for k in matrices)
+    assert all(torch.equal(base[k], again[k]) for k in base)
