@@ -64,3 +64,23 @@ def tiny_run_config(demo_root, tiny_model_dir, *overrides):
     from dst_train.config import load_config
 
     return load_config(None, [f"data.root={demo_root}", f"model.arch={tiny_model_dir}", *overrides])
+
+
+def adding_special_tokens(tok):
+    """A copy of ``tok`` that, like Llama-style tokenizers, adds BOS and an end token to every
+    call unless told not to (``add_special_tokens=False``)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from dst_train.model.backbone import ChatFormat
+
+    adding = copy.deepcopy(tok)
+    bos, eos = ChatFormat().bos, ChatFormat().end
+    adding.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        special_tokens=[(t, tok.convert_tokens_to_ids(t)) for t in (bos, eos)],
+    )
+    assert adding("Hi")["input_ids"] == [tok.convert_tokens_to_ids(bos), *tok("Hi")["input_ids"],
+                                          tok.convert_tokens_to_ids(eos)]  # fmt: skip
+    return adding

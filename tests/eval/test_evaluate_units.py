@@ -13,7 +13,7 @@ from dst_train.eval.evaluate import best_threshold, dst_inputs, reference_text, 
 from dst_train.eval.score import VideoTurns, score_matches
 from dst_train.eval.speaking import SIM_THRESHOLD, MatchResult
 from dst_train.eval.text_metrics import caption_scores
-from tests.conftest import write_tsv
+from tests.conftest import adding_special_tokens, write_tsv
 from tests.eval.test_evaluate_cli import model_folder  # noqa: F401  (a module-scoped fixture)
 
 
@@ -159,6 +159,7 @@ def test_baseline_clips_max_context_and_embedding_model_reach_the_run(
     tmp_path,
     monkeypatch,
 ):
+    from dst_train.data.dataset import load_split
     from dst_train.eval import evaluate as ev
     from dst_train.infer.stream import StreamingAssistant
 
@@ -184,6 +185,11 @@ def test_baseline_clips_max_context_and_embedding_model_reach_the_run(
     assert contexts and set(contexts) == {700}
     assert json.loads((out / "traces" / "settings.json").read_text())["max_context"] == 700
     assert "minilm" in report["embedding_model"]  # not the mpnet default
+    # the clips' DST (every demo video has a tree) is scored: its reference updates are counted
+    streamed = load_split(demo_root, "train")[:2]
+    metrics = report["metrics"]
+    assert metrics["updates_reference"] == sum(len(lb.dst_updates) for lb in streamed) > 0
+    assert metrics["dst_state_accuracy"] is not None
 
 
 def test_a_clip_that_starts_late_in_its_video_lines_up_its_references():
@@ -235,7 +241,8 @@ def test_the_decoding_limit_is_a_quarter_longer_than_the_longest_reference_turn(
     longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     assert longest >= 10  # long enough for a quarter to be tokens
     limit = auto_max_new_tokens(tok, labels)
-    assert 1.25 * longest <= limit <= 1.25 * longest + 2
+    assert limit == int(1.25 * longest) + 2
+    assert auto_max_new_tokens(adding_special_tokens(tok), labels) == limit  # turns, not BOS/EOS
     assert auto_max_new_tokens(tok, []) == int(1.25 * 48) + 2  # no reference turn: 48 tokens
 
 

@@ -9,6 +9,7 @@ from dst_train.data.dst_tree import load_dst_tsv, parse_transitions
 from dst_train.data.sequence import DST, IGNORE, RESPONSE, SequenceBuilder, SequenceTooLong
 from dst_train.model.backbone import ChatFormat, load_image_processor, load_tokenizer
 from dst_train.model.frames import FramePixels
+from tests.conftest import adding_special_tokens
 
 IMG = 3  # the tiny tokenizer's <image> id
 
@@ -56,19 +57,8 @@ def test_layout_decisions_and_targets(parts, k):
 def test_a_tokenizer_that_adds_special_tokens_adds_none_inside_the_sequence(parts, tiny_model_dir):
     """Llama-style tokenizers add BOS (and some EOS) to every call by default; the pieces of a
     sequence are tokenized one by one, so that default would put one before every turn."""
-    import copy
-
-    from tokenizers.processors import TemplateProcessing
-
     tok, labels, tree = parts
-    adding = copy.deepcopy(tok)
-    bos, eos = ChatFormat().bos, ChatFormat().end
-    adding.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"{bos} $A {eos}",
-        special_tokens=[(t, tok.convert_tokens_to_ids(t)) for t in (bos, eos)],
-    )
-    assert adding("Hi")["input_ids"] == [tok.convert_tokens_to_ids(bos), *tok("Hi")["input_ids"],
-                                          tok.convert_tokens_to_ids(eos)]  # fmt: skip
+    adding = adding_special_tokens(tok)
     (plain,) = _builder(tok).build(labels, tree)
     (got,) = _builder(adding).build(labels, tree)
     assert got.input_ids == plain.input_ids and got.targets == plain.targets
