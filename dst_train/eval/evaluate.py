@@ -284,7 +284,7 @@ def dst_inputs(v: dict) -> dict | None:
 def score(
     videos: list[dict],
     similarity,
-    keep_zero_cost: bool = False,
+    keep_zero_cost: bool,
     predictions_file: Path | None = None,
 ) -> dict:
     """ProAssist speaking + text metrics (exactly as ``dst-train score`` on the same turns)

@@ -211,6 +211,24 @@ def test_a_clip_that_starts_late_in_its_video_lines_up_its_references():
     assert turns.video_uid == "v_3"
 
 
+def test_a_late_clips_reference_updates_are_frames_of_the_clip(tmp_path):
+    """The DST reference of a clip that starts at frame 20: an action from 11 s to 13 s (2 fps)
+    changes state on absolute frames 22 and 26, which are the clip's frames 2 and 6."""
+    from dst_train.data.labels import build_clip_labels
+    from dst_train.data.proassist import ClipRecord, Turn
+    from dst_train.eval.evaluate import dst_inputs
+
+    rows = [("STEP", "1", "", "", "s"), ("SUBSTEP", "1.1", "", "", "u"),
+            ("ACTION", "1.1.1", 11.0, 13.0, "a")]  # fmt: skip
+    tree = load_dst_tsv(write_tsv(tmp_path / "v.tsv", rows))
+    conv = [Turn("system", "sys"), Turn("frames", start=20, end=30)]
+    labels = build_clip_labels(ClipRecord("assembly101", "v", 3, "f.arrow", 20, 30, conv), tree)
+    traces = [SimpleNamespace(frame=20 + i, state={}, dst_valid=None) for i in range(10)]
+    got = dst_inputs({"labels": labels, "traces": traces, "tree": tree})
+    assert got["ref_updates"] == [2, 6]
+    assert [s["1.1.1"] for s in got["ref_states"]][1:4] == [NOT_STARTED, IN_PROGRESS, IN_PROGRESS]
+
+
 def test_resume_names_the_trace_file_and_line_it_cannot_read(tmp_path):
     from dst_train.eval.evaluate import SETTINGS_FILE, StaleTraces, finished_traces, trace_file
 
