@@ -114,6 +114,8 @@ def test_parse_transitions_errors(tmp_path, text, msg):
         parse_transitions(text, tree)
 
 
+# a complete step: one substep, one action (lines 2-4 of a file)
+ONE_STEP = [("STEP", "1", 0, 1, "s"), ("SUBSTEP", "1.1", 0, 1, "u"), ("ACTION", "1.1.1", 0, 1, "a")]
 BAD_CASES = {
     "header": (None, "header must be"),
     "fields": ([("STEP", "1", 0, 1)], "expected 5 tab-separated fields"),
@@ -128,9 +130,7 @@ BAD_CASES = {
     ),
     "duplicate": (
         [
-            ("STEP", "1", 0, 1, "s"),
-            ("SUBSTEP", "1.1", 0, 1, "u"),
-            ("ACTION", "1.1.1", 0, 1, "a"),
+            *ONE_STEP,
             ("ACTION", "1.1.1", 0, 1, "b"),
         ],
         "duplicate id '1.1.1' \\(first on line 4\\)",
@@ -156,18 +156,14 @@ BAD_CASES = {
     "childless": ([("STEP", "1", 0, 1, "s")], "step '1' has no children"),
     "childless_after_a_full_step": (
         [
-            ("STEP", "1", 0, 1, "s"),
-            ("SUBSTEP", "1.1", 0, 1, "u"),
-            ("ACTION", "1.1.1", 0, 1, "a"),
+            *ONE_STEP,
             ("STEP", "2", 1, 2, "t"),
         ],
         "step '2' has no children",
     ),
     "mixed": (
         [
-            ("STEP", "1", 0, 1, "s"),
-            ("SUBSTEP", "1.1", 0, 1, "u"),
-            ("ACTION", "1.1.1", 0, 1, "a"),
+            *ONE_STEP,
             ("step", "S2", 0, 1, "t"),
             ("substep", "S2.1", 0, 1, "v"),
             ("action", "S2.1.a", 0, 1, "b"),
