@@ -354,6 +354,16 @@ def evaluate(
     model_dir, data_root = check_model_folder(model_dir), Path(data_root)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    counts = {
+        "stream_batch": stream_batch,
+        "max_context": max_context,
+        "max_new_tokens": max_new_tokens,
+        "max_clips": max_clips,
+        "baseline_clips": baseline_clips,
+    }
+    for name, value in counts.items():
+        if value is not None and value < 1:  # None: the default (auto tokens, every clip)
+            raise ValueError(f"{name} must be >= 1, got {value}")
     dev = ranks.device(device)
     paths = DatasetPaths.from_root(data_root)
     for name in (split, val_split):

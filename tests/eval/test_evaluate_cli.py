@@ -120,6 +120,24 @@ def test_evaluate_names_a_bad_dataset_or_split_before_loading(demo_root, tmp_pat
         assert not (tmp_path / "eval").exists()  # nothing written for a run that cannot start
 
 
+@pytest.mark.parametrize(
+    "name", ["stream_batch", "max_context", "max_new_tokens", "max_clips", "baseline_clips"]
+)
+def test_evaluate_from_python_names_a_count_below_one_before_loading(demo_root, tmp_path, name):
+    # the CLI's argparse checks these; a Python caller gets the same check, not a failure (or an
+    # empty report) after minutes of model loading and streaming
+    from dst_train.eval.evaluate import evaluate
+    from dst_train.model.dst_model import CONFIG_FILE, HEADS_FILE
+
+    folder = tmp_path / "hf"  # passes the folder check; nothing in it is loaded before the counts
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text("{}")
+    (folder / HEADS_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"^{name} must be >= 1, got 0$"):
+        evaluate(folder, demo_root, out=tmp_path / "eval", **{name: 0})
+    assert not (tmp_path / "eval").exists()
+
+
 def test_evaluate_in_bf16_agrees_with_fp32(demo_root, model_folder, tmp_path):
     from dst_train.eval.evaluate import evaluate
 
