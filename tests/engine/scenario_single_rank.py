@@ -55,6 +55,22 @@ engine.save_checkpoint = real_save
 found["latest_after_crash"] = checkpoint.latest_tag(ckpt)
 found["partial_left"] = (ckpt / "step_00000004").is_dir()
 found["resumed_state"] = checkpoint.load(engine, ckpt, checkpoint.latest_tag(ckpt), 0)
+# a crash after DeepSpeed wrote the shards (here: at the RNG file) leaves the pointer file itself
+# on the previous checkpoint: DeepSpeed must not write its own "latest" (tools read it as it is)
+real_rng_state = checkpoint.rng_state
+
+
+def failing_rng_state():
+    raise RuntimeError("disk full (simulated)")
+
+
+checkpoint.rng_state = failing_rng_state
+try:
+    checkpoint.save(engine, ckpt, 3, {"step": 3}, "x: 1\n", 2, 0, barrier)
+except RuntimeError:
+    found["late_partial_left"] = (ckpt / "step_00000003" / "mp_rank_00_model_states.pt").is_file()
+checkpoint.rng_state = real_rng_state
+found["latest_file_after_late_crash"] = (ckpt / checkpoint.LATEST).read_text()
 # the real save at step 4 cleans the partial folder and completes
 (Path(cfg.output_dir) / "config.yaml").parent.mkdir(parents=True, exist_ok=True)
 import yaml  # noqa: E402
@@ -72,6 +88,7 @@ checkpoint.save(
     barrier,
 )
 found["latest_after_good_save"] = checkpoint.latest_tag(ckpt)
+found["late_partial_removed"] = not (ckpt / "step_00000003").exists()
 
 # convert and compare with the live model
 from dst_train.engine.convert import convert  # noqa: E402

@@ -33,7 +33,10 @@ def test_crash_mid_save_keeps_previous_checkpoint_and_convert_matches(
     assert found["latest_after_crash"] == "step_00000002"  # the pointer never moved
     assert found["partial_left"] is True
     assert found["resumed_state"]["step"] == 2  # the previous checkpoint loads
+    assert found["late_partial_left"] is True  # the engine's save had run before the crash
+    assert found["latest_file_after_late_crash"] == "step_00000002"
     assert found["latest_after_good_save"] == "step_00000004"
+    assert found["late_partial_removed"] is True
     assert not any(
         p.name == "step_00000004" and not (p / "COMPLETE").exists()
         for p in (tmp_path / "checkpoints").glob("step_*")

@@ -1017,3 +1017,25 @@ def test_the_val_loss_on_two_ranks_is_the_val_loss_on_one():
         got = {p.stem: json.loads(p.read_text()) for p in Path(root).glob("*.json")}
     assert got["world1_rank0"]["val_loss"] == pytest.approx(3.0)  # the mean of 0..6
     assert got["world2_rank0"] == got["world2_rank1"] == got["world1_rank0"]
+
+
+def test_a_resume_on_a_gpu_restores_the_cuda_generators_and_a_cpu_checkpoint_leaves_them(
+    monkeypatch,
+):
+    # dropout on a GPU draws from the CUDA generators: a resume that left them at their seed would
+    # draw other masks than the uninterrupted run. torch.cuda's generator calls are stood in for.
+    from dst_train.engine import checkpoint
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["gpu0-state"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = checkpoint.rng_state()
+    assert state["cuda"] == ["gpu0-state"]
+    checkpoint.set_rng_state(state)
+    assert restored == [["gpu0-state"]]
+    checkpoint.set_rng_state(state | {"cuda": None})  # a CPU run's checkpoint resumed on a GPU
+    assert restored == [["gpu0-state"]]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    checkpoint.set_rng_state(state)  # a GPU run's checkpoint resumed on CPU
+    assert restored == [["gpu0-state"]] and checkpoint.rng_state()["cuda"] is None
