@@ -3,6 +3,7 @@ Turing kernels only when asked, the tuned config keeps the precision the target 
 cache key holds everything that changes memory."""
 
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -198,3 +199,33 @@ def test_a_gpu_peak_is_the_reserved_peak_plus_what_nvml_sees_beyond_it_on_that_g
         with memory.PeakMemory(device):
             pass
     assert asked == [2, 0, 3]
+
+
+def test_the_cpu_peak_catches_memory_freed_before_the_block_ends():
+    # the probe's peak on CPU is sampled by a thread: a buffer freed before the block ends (an
+    # activation) must still count
+    from dst_train.tune import memory
+
+    with memory.PeakMemory(torch.device("cpu")) as m:
+        start = m._rss
+        buffer = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, written
+        time.sleep(0.2)  # ~100 sampling intervals
+        del buffer
+    assert m.peak_bytes - start > 200 * 2**20 and m.detail == {"rss_peak": m.peak_bytes}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_an_error_inside_a_measured_block_is_raised_not_swallowed(monkeypatch, device):
+    # an OOM inside a probe must reach the search, which reads it as "does not fit"
+    from dst_train.tune import memory
+
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    for name in ("max_memory_reserved", "memory_reserved", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda d: GiB)
+    monkeypatch.setattr(memory, "nvml_process_bytes", lambda i: None)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        with memory.PeakMemory(
+            torch.device(device, 0) if device == "cuda" else torch.device(device)
+        ):
+            raise torch.OutOfMemoryError("simulated")
