@@ -97,7 +97,7 @@ class VLMBackbone(nn.Module):
 
     chat: ChatFormat
 
-    def __init__(self, hf_model, tokens_per_frame: int = 1, vision_chunk: int = 64):
+    def __init__(self, hf_model, tokens_per_frame: int, vision_chunk: int):
         super().__init__()
         self.hf = hf_model
         self.vision_chunk = vision_chunk  # frames per vision-tower call; 0 = all at once

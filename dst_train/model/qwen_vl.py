@@ -68,7 +68,7 @@ class QwenVLBackbone(VLMBackbone):
 
     chat = CHAT
 
-    def __init__(self, hf_model, tokens_per_frame: int = 1, vision_chunk: int = 64):
+    def __init__(self, hf_model, tokens_per_frame: int, vision_chunk: int):
         super().__init__(hf_model, tokens_per_frame, vision_chunk)
         v = hf_model.config.vision_config
         self.patch, self.temporal = v.patch_size, v.temporal_patch_size

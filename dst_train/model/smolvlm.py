@@ -38,7 +38,7 @@ class SmolVLMBackbone(VLMBackbone):
 
     chat = CHAT
 
-    def __init__(self, hf_model, tokens_per_frame: int = 1, vision_chunk: int = 64):
+    def __init__(self, hf_model, tokens_per_frame: int, vision_chunk: int):
         super().__init__(hf_model, tokens_per_frame, vision_chunk)
         v = hf_model.config.vision_config
         self._set_grid(v.image_size // v.patch_size, hf_model.config.scale_factor)
