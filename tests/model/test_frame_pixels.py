@@ -120,3 +120,17 @@ def test_frame_reader_hands_out_8bit_pixels(demo_root, tiny_model_dir):
     # frames come back in the order asked, read in contiguous runs whatever that order is
     shuffled = FramePixels(demo_root, proc).load(clip.frames_file, [5, 0, 1, 2, 1])
     assert torch.equal(shuffled, pixels[[3, 0, 1, 2, 1]])
+
+
+def test_a_frame_of_16_pixels_holds_the_256_values_and_one_of_15_is_named():
+    from types import SimpleNamespace
+
+    from dst_train.model.smolvlm import frame_processor
+
+    def sized(s):
+        return frame_processor(SimpleNamespace(vision_config=SimpleNamespace(image_size=s)))
+
+    table = pixel_table(sized(16))  # exactly 256 positions
+    assert table.shape == (3, 256) and torch.equal(table, pixel_table(sized(32)))
+    with pytest.raises(ValueError, match="frame size 15: too small to hold the 256 pixel values"):
+        pixel_table(sized(15))

@@ -141,6 +141,24 @@ def test_gradient_checkpointing_gives_the_same_loss(demo_root, tiny_family_dir):
     assert ckpt.backbone.language_model.layers[0].mlp.up_proj.weight.grad is not None
 
 
+def test_the_training_and_val_forward_keep_no_kv_cache(demo_root, tiny_family_dir):
+    # a cache in the val pass (no grad) would hold every layer's keys and values of the whole
+    # micro-batch: ~0.8 GB a sample of 4096 tokens for smolvlm2-2.2b in fp16, on top of the
+    # tuned size's peak
+    _, model, batch = _setup(demo_root, tiny_family_dir)
+    seen = []
+    lm = model.backbone.language_model
+    lm.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append((kwargs["use_cache"], out.past_key_values)),
+        with_kwargs=True,
+    )
+    model(**batch)
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    assert seen == [(False, None), (False, None)]
+
+
 def test_cached_features_equal_the_online_path(demo_root, tiny_family_dir, tmp_path):
     cfg, model, batch = _setup(demo_root, tiny_family_dir, "model.tokens_per_frame=1")
     proc = load_image_processor(cfg.model.arch)
