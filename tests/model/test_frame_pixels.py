@@ -134,3 +134,13 @@ def test_a_frame_of_16_pixels_holds_the_256_values_and_one_of_15_is_named():
     assert table.shape == (3, 256) and torch.equal(table, pixel_table(sized(32)))
     with pytest.raises(ValueError, match="frame size 15: too small to hold the 256 pixel values"):
         pixel_table(sized(15))
+
+
+def test_a_processor_that_changes_a_frame_of_its_own_size_is_named(tiny_model_dir):
+    # the table is read off a frame of the processor's own size, which pixels() must take as it
+    # is; one that crops or filters it would give a table of other values
+    proc = load_image_processor(str(tiny_model_dir))
+    s = proc.image_size
+    proc.pixels = lambda images: torch.zeros(len(images), 3, s, s, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="SmolVLMFrames changes a frame of its own size"):
+        pixel_table(proc)
