@@ -244,6 +244,31 @@ def test_save_and_load_roundtrip(demo_root, tiny_family_dir, tmp_path):
         DSTModel.from_pretrained(tmp_path)
 
 
+def test_pretrained_weights_come_from_the_hub_id_of_a_named_arch_or_a_folder_that_has_them(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import shutil
+
+    from dst_train.model import smolvlm
+    from dst_train.model.backbone import load_hf_model
+
+    asked = []
+
+    def from_pretrained(source, **kw):  # the hub is not reachable here: record, then stop
+        asked.append(source)
+        raise OSError("offline")
+
+    monkeypatch.setattr(smolvlm.model_class(), "from_pretrained", from_pretrained)
+    with pytest.raises(OSError, match="offline"):
+        load_hf_model("smolvlm2-256m", True, torch.float32, "sdpa")
+    assert asked == ["HuggingFaceTB/SmolVLM2-256M-Video-Instruct"]
+    # a model folder with its config but no weights is named before transformers is asked
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no weights"):
+        load_hf_model(str(tmp_path), True, torch.float32, "sdpa")
+    assert len(asked) == 1
+
+
 def test_real_architectures_build_on_meta_with_the_right_size():
     info = model_info(ModelConfig(arch="smolvlm2-2.2b"))
     assert info["parameters"]["all"]["total"] == pytest.approx(2.25e9, rel=0.005)
