@@ -136,6 +136,11 @@ def test_a_partitioned_tower_takes_every_frame_in_one_call(tiny_model_dir, monke
     monkeypatch.setattr(backbone, "_features", lambda x: calls.append(len(x)) or real(x))
     backbone.frame_features(torch.randn(5, 3, size, size))
     assert calls == [2, 2, 1]  # chunks of vision_chunk_frames
+    for chunk, expected in ((1, [1] * 5), (0, [5])):  # 0: all frames at once
+        calls.clear()
+        backbone.vision_chunk = chunk
+        backbone.frame_features(torch.randn(5, 3, size, size))
+        assert calls == expected
     calls.clear()
     first = next(backbone.module_groups()["vision"].parameters())
     monkeypatch.setattr(first, "ds_id", 0, raising=False)  # how ZeRO-3 marks its parameters

@@ -250,7 +250,7 @@ def test_pretrained_weights_come_from_the_hub_id_of_a_named_arch_or_a_folder_tha
     import shutil
 
     from dst_train.model import smolvlm
-    from dst_train.model.backbone import load_hf_model
+    from dst_train.model.backbone import load_hf_model, model_source
 
     asked = []
 
@@ -262,6 +262,9 @@ def test_pretrained_weights_come_from_the_hub_id_of_a_named_arch_or_a_folder_tha
     with pytest.raises(OSError, match="offline"):
         load_hf_model("smolvlm2-256m", True, torch.float32, "sdpa")
     assert asked == ["HuggingFaceTB/SmolVLM2-256M-Video-Instruct"]
+    # and so do its tokenizer and processor files; a folder is its own source
+    assert model_source("smolvlm2-256m") == asked[0]
+    assert model_source(str(tmp_path)) == str(tmp_path)
     # a model folder with its config but no weights is named before transformers is asked
     shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no weights"):
