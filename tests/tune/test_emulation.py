@@ -203,14 +203,23 @@ def test_a_gpu_peak_is_the_reserved_peak_plus_what_nvml_sees_beyond_it_on_that_g
 
 def test_the_cpu_peak_catches_memory_freed_before_the_block_ends():
     # the probe's peak on CPU is sampled by a thread: a buffer freed before the block ends (an
-    # activation) must still count
+    # activation) must still count. Fresh anonymous pages: memory the allocator kept from
+    # earlier tests would not raise the RSS.
+    import mmap
+
+    import numpy as np
+
     from dst_train.tune import memory
 
+    size = 256 * 2**20
     with memory.PeakMemory(torch.device("cpu")) as m:
         start = m._rss
-        buffer = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB, written
+        pages = mmap.mmap(-1, size)
+        view = np.frombuffer(pages, dtype=np.uint8)
+        view[:] = 1  # every page written, so resident
         time.sleep(0.2)  # ~100 sampling intervals
-        del buffer
+        del view
+        pages.close()
     assert m.peak_bytes - start > 200 * 2**20 and m.detail == {"rss_peak": m.peak_bytes}
 
 
