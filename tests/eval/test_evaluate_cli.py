@@ -101,14 +101,21 @@ def test_evaluate_names_a_folder_that_is_not_a_model(demo_root, tmp_path, capsys
     assert "no such model folder" in capsys.readouterr().err
 
 
-def test_evaluate_names_a_bad_dataset_or_split_before_loading(demo_root, tmp_path, capsys):
-    from dst_train.cli import main
+def _unloadable_model_folder(tmp_path):
+    """A folder that passes evaluate's model-folder check and that no loader could read."""
     from dst_train.model.dst_model import CONFIG_FILE, HEADS_FILE
 
-    folder = tmp_path / "hf"  # passes the folder check; nothing in it is loaded before the data
+    folder = tmp_path / "hf"
     folder.mkdir()
     (folder / CONFIG_FILE).write_text("{}")
     (folder / HEADS_FILE).write_bytes(b"")
+    return folder
+
+
+def test_evaluate_names_a_bad_dataset_or_split_before_loading(demo_root, tmp_path, capsys):
+    from dst_train.cli import main
+
+    folder = _unloadable_model_folder(tmp_path)  # nothing in it is loaded before the data
     cases = [
         (["--data", str(tmp_path / "nodata")], "not a dataset root"),
         (["--data", str(demo_root), "--split", "nosuch"], "no prepared file for split 'nosuch'"),
@@ -127,12 +134,8 @@ def test_evaluate_from_python_names_a_count_below_one_before_loading(demo_root, 
     # the CLI's argparse checks these; a Python caller gets the same check, not a failure (or an
     # empty report) after minutes of model loading and streaming
     from dst_train.eval.evaluate import evaluate
-    from dst_train.model.dst_model import CONFIG_FILE, HEADS_FILE
 
-    folder = tmp_path / "hf"  # passes the folder check; nothing in it is loaded before the counts
-    folder.mkdir()
-    (folder / CONFIG_FILE).write_text("{}")
-    (folder / HEADS_FILE).write_bytes(b"")
+    folder = _unloadable_model_folder(tmp_path)  # nothing in it is loaded before the counts
     with pytest.raises(ValueError, match=rf"^{name} must be >= 1, got 0$"):
         evaluate(folder, demo_root, out=tmp_path / "eval", **{name: 0})
     assert not (tmp_path / "eval").exists()

@@ -180,17 +180,26 @@ def test_nvml_counts_this_process_only(monkeypatch):
     assert nvml_process_bytes(0) is None
 
 
+def _stand_in_for_cuda_memory(monkeypatch, reserved_peak, reserved, allocated_peak):
+    """torch.cuda's memory calls as PeakMemory makes them, without a GPU (sizes in GiB)."""
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    reads = {
+        "max_memory_reserved": reserved_peak,
+        "memory_reserved": reserved,
+        "max_memory_allocated": allocated_peak,
+    }
+    for name, gib in reads.items():
+        monkeypatch.setattr(torch.cuda, name, lambda d, gib=gib: gib * GiB)
+
+
 def test_a_gpu_peak_is_the_reserved_peak_plus_what_nvml_sees_beyond_it_on_that_gpu(monkeypatch):
     # the CUDA path of PeakMemory, with torch.cuda's memory calls stood in for (no GPU here)
     from dst_train.tune import memory
 
     asked = []
     monkeypatch.setattr(memory, "nvml_process_bytes", lambda i: asked.append(i) or 5 * GiB)
-    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
-        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
-    reads = {"max_memory_reserved": 4, "memory_reserved": 3, "max_memory_allocated": 2}
-    for name, gib in reads.items():
-        monkeypatch.setattr(torch.cuda, name, lambda d, gib=gib: gib * GiB)
+    _stand_in_for_cuda_memory(monkeypatch, reserved_peak=4, reserved=3, allocated_peak=2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     with memory.PeakMemory(torch.device("cuda", 2)) as m:
         pass
@@ -228,10 +237,7 @@ def test_an_error_inside_a_measured_block_is_raised_not_swallowed(monkeypatch, d
     # an OOM inside a probe must reach the search, which reads it as "does not fit"
     from dst_train.tune import memory
 
-    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
-        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
-    for name in ("max_memory_reserved", "memory_reserved", "max_memory_allocated"):
-        monkeypatch.setattr(torch.cuda, name, lambda d: GiB)
+    _stand_in_for_cuda_memory(monkeypatch, reserved_peak=1, reserved=1, allocated_peak=1)
     monkeypatch.setattr(memory, "nvml_process_bytes", lambda i: None)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         with memory.PeakMemory(
