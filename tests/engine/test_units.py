@@ -257,6 +257,15 @@ BAD_OVERRIDES = [
     ("seed=1e400", "seed: expected int, got '1e400'"),
     ("model.lora_dropout=1.5", "model.lora_dropout must be in [0, 1], got 1.5"),
     ("train={1: 2}", "unknown key(s) ['1']"),
+    ("data.span_policy=fix", "data.span_policy must be error|repair|clip, got 'fix'"),
+    # (0, 1]: keeping no negative frame would train "speak" on positives alone
+    ("data.negative_frame_keep=0", "data.negative_frame_keep must be in (0, 1]"),
+    ("data.negative_frame_keep=1.5", "data.negative_frame_keep must be in (0, 1]"),
+    ("loss.decision_loss=mse", "loss.decision_loss must be focal|bce"),
+    ("loss.focal_alpha=1.5", "loss.focal_alpha must be in [0, 1], got 1.5"),
+    ("train.min_lr_ratio=1.01", "train.min_lr_ratio must be in [0, 1], got 1.01"),
+    ("model.qlora=true", "model.qlora needs model.lora=true"),
+    ("train.resume=", "train.resume must be auto, never or a checkpoint folder"),
 ]
 
 
@@ -278,6 +287,9 @@ def test_the_ends_of_the_unit_ranges_are_valid_options():
         keys = ("train.min_lr_ratio", "loss.focal_alpha", "model.lora_dropout")
         cfg = load_config(None, [f"{k}={end}" for k in keys])
         assert (cfg.train.min_lr_ratio, cfg.loss.focal_alpha, cfg.model.lora_dropout) == (end,) * 3
+    # negative frames kept: (0, 1], all of them at 1
+    assert load_config(None, ["data.negative_frame_keep=1"]).data.negative_frame_keep == 1
+    assert load_config(None, ["data.negative_frame_keep=1e-6"]).data.negative_frame_keep == 1e-6
     # Adam's betas take [0, 1): 0 keeps no running average (a plain, RMSprop-like step)
     assert load_config(None, ["train.betas=[0, 0]"]).train.betas == (0, 0)
 
