@@ -215,6 +215,7 @@ class RunConfig:
         from dst_train.data.dataset import DatasetPaths
         from dst_train.engine.checkpoint import COMPLETE
         from dst_train.engine.ds_config import resolve_template_path
+        from dst_train.model.backbone import missing_model_folder
 
         problems = []
         try:
@@ -223,16 +224,9 @@ class RunConfig:
                 paths.split_file(split)
         except ValueError as e:
             problems.append(f"data.root={self.data.root}: {e}")
-        arch = self.model.arch
-        # a hub name is "namespace/name"; anything else that is not on disk is a missing folder,
-        # and so is "runs/x" when ./runs is a local folder
-        looks_local = (
-            arch.startswith(("/", ".", "~"))
-            or arch.count("/") != 1
-            or Path(arch.split("/")[0]).is_dir()
-        )
-        if (looks_local or Path(arch).exists()) and not (Path(arch) / "config.json").is_file():
-            problems.append(f"model.arch={arch}: no model folder there (no config.json)")
+        missing = missing_model_folder(self.model.arch)
+        if missing:
+            problems.append(f"model.arch={missing}")
         try:
             resolve_template_path(self.train.ds_config)
         except FileNotFoundError as e:

@@ -90,3 +90,22 @@ def test_the_ends_of_the_numeric_ranges_parse():
         parse(["cache-features", "--config", "r", "--out", "c", "--batch-size", "1"]).batch_size
         == 1
     )
+
+
+def test_model_info_takes_its_options_and_names_what_it_cannot_read(capsys):
+    """``--tokens-per-frame`` reaches the count (1 by default); a bad override, a pooling the
+    vision grid cannot make and a model folder that is not there are error lines, exit 2."""
+    import json
+
+    assert main(["model-info", "--arch", "smolvlm2-256m", "--tokens-per-frame", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens_per_frame"] == 4
+    bad = {
+        ("model.bogus=1",): "error: config.model: unknown key(s) ['bogus']",
+        ("--arch", "smolvlm2-256m", "--tokens-per-frame", "3"): "error: tokens_per_frame must be",
+        # not a hub id ("namespace/name"): a folder, and it is not there
+        ("--arch", "/nowhere/model"): "error: /nowhere/model: no model folder there (no config",
+    }
+    for argv, message in bad.items():
+        assert main(["model-info", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message), err

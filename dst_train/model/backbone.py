@@ -341,10 +341,34 @@ def make_backbone(hf_model, tokens_per_frame: int = 1, vision_chunk: int = 64) -
     return fam.Backbone(hf_model, tokens_per_frame, vision_chunk)
 
 
+def missing_model_folder(arch: str) -> str | None:
+    """Why ``arch`` names no model, or None: a named architecture (``ARCHS``, ``tiny``), a hub id
+    (``namespace/name``, not checked: it may be in the hub cache) and a folder with a
+    ``config.json`` are models. Anything else that is not on disk is a missing folder, and so is
+    ``runs/x`` when ``./runs`` is a local folder."""
+    if arch in ARCHS or arch == "tiny":
+        return None
+    looks_local = (
+        arch.startswith(("/", ".", "~"))
+        or arch.count("/") != 1
+        or Path(arch.split("/")[0]).is_dir()
+        or Path(arch).exists()
+    )
+    if looks_local and not (Path(arch) / "config.json").is_file():
+        return f"{arch}: no model folder there (no config.json)"
+    return None
+
+
 def arch_config(arch: str):
-    """A transformers config from an architecture name, ``tiny``, a model folder or a hub id."""
+    """A transformers config from an architecture name, ``tiny``, a model folder or a hub id;
+    FileNotFoundError for a folder that is not there (:func:`missing_model_folder`)."""
     from transformers import AutoConfig
 
+    missing = missing_model_folder(arch)
+    if missing:
+        raise FileNotFoundError(
+            f"{missing}; the named architectures are {', '.join(sorted(ARCHS))} and tiny"
+        )
     if arch in ARCHS:
         raw = json.loads((CONFIG_DIR / ARCHS[arch][0]).read_text())
         raw.pop("_comment", None)
