@@ -109,3 +109,21 @@ def test_model_info_takes_its_options_and_names_what_it_cannot_read(capsys):
         assert main(["model-info", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith(message), err
+
+
+def test_train_and_autotune_exit_with_the_code_of_what_stopped_them(
+    demo_root, tiny_model_dir, monkeypatch, capsys
+):
+    """A run the trainer stopped (an OOM it cannot replay, an fp16 overflow streak) is exit 1
+    with its reason; missing inputs are exit 2 for autotune as for train, before anything runs."""
+    from dst_train.engine import trainer
+
+    def stopped(cfg):
+        raise trainer.TrainingStopped("7 optimizer steps in a row were skipped")
+
+    monkeypatch.setattr(trainer, "fit", stopped)  # the job, not the CLI, is what this stands in
+    good = ["--config", "/dev/null", f"data.root={demo_root}", f"model.arch={tiny_model_dir}"]
+    assert main(["train", *good]) == 1
+    assert capsys.readouterr().err == "training stopped: 7 optimizer steps in a row were skipped\n"
+    assert main(["autotune", "--config", "/dev/null", "data.root=/nowhere"]) == 2
+    assert capsys.readouterr().err.startswith("error: missing inputs:\n  data.root=/nowhere")

@@ -343,6 +343,51 @@ def test_config_files_that_are_not_utf8_or_not_yaml_are_error_lines(tmp_path, ca
         assert err.startswith(f"error: {path}: ") and message in err, err
 
 
+def test_a_config_file_or_override_of_the_wrong_shape_is_named(tmp_path):
+    """What YAML reads but a run config cannot be: each is a ConfigError naming the file (or the
+    override) and the key, never a TypeError from the dataclasses."""
+    from dst_train.config import ConfigError, load_config
+
+    shapes = {
+        "- lr: 1\n": "top level must be a mapping",
+        "train: 5\n": ".train: expected a mapping for TrainConfig, got 5",
+        "train: {betas: 0.9}\n": ".train.betas: expected a list, got 0.9",
+    }
+    for i, (text, message) in enumerate(shapes.items()):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_config(path)
+        assert str(e.value).startswith(str(path)) and message in str(e.value), e.value
+    for path, why in ((tmp_path / "absent.yaml", "No such file"), (tmp_path, "Is a directory")):
+        with pytest.raises(ConfigError, match=f"{path}: cannot read config: {why}"):
+            load_config(path)
+    with pytest.raises(ConfigError, match="override 'train.lr.x': 'lr' is not a section"):
+        load_config(None, ["train.lr=0.1", "train.lr.x=1"])
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set\n")
+    assert load_config(empty) == load_config(None)  # an empty file is every default
+
+
+def test_a_recipes_mapping_option_takes_a_mapping_and_its_any_option_anything():
+    """The loader's ``dict`` and ``Any`` fields (none in RunConfig; a recipe's own config may
+    have them)."""
+    import dataclasses
+    from typing import Any
+
+    from dst_train.config import ConfigError, load_config
+
+    @dataclasses.dataclass
+    class Recipe:
+        extra: dict = dataclasses.field(default_factory=dict)
+        anything: Any = None
+
+    got = load_config(None, ["extra={a: 1}", "anything=[1, x]"], cls=Recipe)
+    assert got.extra == {"a": 1} and got.anything == [1, "x"]
+    with pytest.raises(ConfigError, match=r"config\.extra: expected a mapping, got 3"):
+        load_config(None, ["extra=3"], cls=Recipe)
+
+
 def test_a_single_process_run_does_not_need_a_fixed_port(tmp_path):
     # two plain-python jobs on one machine (a tune beside a run, two test suites) used to
     # collide on one fixed port: hold the old port and start a world of one anyway
@@ -940,6 +985,25 @@ def _agree_on_an_oom(rank: int, port: int, root: str) -> None:
     said["sums_on"] = str(sums.device)
     Path(root, f"rank{rank}.json").write_text(json.dumps(said))
     torch.distributed.destroy_process_group()
+
+
+def test_without_oom_retry_or_below_two_samples_an_oom_is_not_replayed():
+    """train.oom_retry=false: the CUDA OOM itself reaches the caller, nothing rebuilt. At one
+    sample per micro-batch there is nothing to halve: the run stops, naming the step."""
+    from dst_train.engine.trainer import MicroBatchRunner, TrainingStopped
+
+    def rebuild(micro, accum):
+        raise AssertionError("rebuilt")
+
+    meta = torch.device("meta")
+    runner = MicroBatchRunner(_OomOnceEngine(oom=True), _two_samples, meta, False, 2, 1, 0)
+    runner.rebuild = rebuild
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        runner.run_window([[0, 1]])
+    runner = MicroBatchRunner(_OomOnceEngine(oom=True), _two_samples, meta, True, 1, 1, 0)
+    runner.rebuild = rebuild
+    with pytest.raises(TrainingStopped, match="in the forward of step 3, rank 0.* one sample per"):
+        runner.run_window([[0]], step=3)
 
 
 def test_the_ranks_of_a_gpu_run_agree_on_an_oom_over_the_cpu(tmp_path):
