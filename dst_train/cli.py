@@ -584,10 +584,15 @@ def _score(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from dst_train.engine.trainer import finish_distributed
+    from dst_train.model.backbone import ModelUnavailable
 
     args = build_parser().parse_args(argv)  # argparse exits 2 on bad usage
     caller_had_a_group = _process_group_exists()
-    code = args.func(args)
+    try:
+        code = args.func(args)
+    except ModelUnavailable as e:  # any job of a named model, on a node without its files
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
     if not caller_had_a_group:  # a group this command made; a caller's own group stays theirs
         finish_distributed()  # only after a command that returned: see its docstring
     return code

@@ -393,20 +393,25 @@ def load_hf_model(
     config = arch_config(arch)
     model_class = family(config.model_type).model_class()
     if pretrained:
-        if arch in ARCHS:
-            arch = ARCHS[arch][1]  # hub id: works when the user has the weights cached
-        elif arch != "tiny" and Path(arch).exists() and not has_weights(arch):
+        source = model_source(arch)  # a named architecture's weights come from its hub id
+        if source == arch and arch != "tiny" and Path(arch).exists() and not has_weights(arch):
             raise FileNotFoundError(f"{arch}: no weights (*.safetensors) in this model folder")
-        model, info = model_class.from_pretrained(
+        model, info = from_hub(
             arch,
-            dtype=dtype,
-            attn_implementation=attention,
-            quantization_config=quantization_config,
-            output_loading_info=True,
+            "weights",
+            lambda: model_class.from_pretrained(
+                source,
+                dtype=dtype,
+                attn_implementation=attention,
+                quantization_config=quantization_config,
+                output_loading_info=True,
+            ),
         )
         missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
         if missing:  # transformers would silently leave these randomly initialised
-            raise ValueError(f"{arch}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+            raise ValueError(
+                f"{source}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}"
+            )
         return model
     # _from_config honours a live HfDeepSpeedConfig (ZeRO-3: weights partitioned at construction)
     return model_class._from_config(config, dtype=dtype, attn_implementation=attention)
@@ -420,9 +425,35 @@ def model_source(arch: str) -> str:
 def load_tokenizer(arch: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_source(arch))
+    return from_hub(arch, "tokenizer", lambda: AutoTokenizer.from_pretrained(model_source(arch)))
 
 
 def load_image_processor(arch: str) -> FrameProcessor:
     """The family's frame processor, configured from the model folder (or hub id)."""
-    return family_of(arch).load_frame_processor(model_source(arch))
+    return from_hub(
+        arch, "image processor", lambda: family_of(arch).load_frame_processor(model_source(arch))
+    )
+
+
+class ModelUnavailable(FileNotFoundError):
+    """A named architecture's files are neither in the Hugging Face cache nor downloadable."""
+
+
+def from_hub(arch: str, what: str, load):
+    """``load()``, which reads ``what`` of ``arch`` with a ``from_pretrained``. For a named
+    architecture, whose files come from its hub id, the OSError transformers raises when they are
+    not cached and cannot be downloaded (an offline node) becomes :class:`ModelUnavailable`,
+    which says how to get them."""
+    try:
+        return load()
+    except OSError as e:
+        if arch not in ARCHS:
+            raise
+        hub = ARCHS[arch][1]
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelUnavailable(
+            f"model.arch={arch}: cannot load its {what} ({hub}): not in the Hugging Face cache, "
+            f"and not downloadable here ({first}). Download the model once where there is a "
+            f"network (`huggingface-cli download {hub}`, with the HF_HOME this job uses), or set "
+            "model.arch to a model folder"
+        ) from None

@@ -272,6 +272,67 @@ def test_pretrained_weights_come_from_the_hub_id_of_a_named_arch_or_a_folder_tha
     assert len(asked) == 1
 
 
+def test_a_named_models_files_that_cannot_be_had_say_how_to_get_them(monkeypatch):
+    """Offline and not in the hub cache: the weights, tokenizer and processor of a named
+    architecture are each a ModelUnavailable naming the hub id and the download command
+    (transformers' own OSError, a traceback on every rank, said only "couldn't connect")."""
+    from transformers import AutoTokenizer
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    from dst_train.model import smolvlm
+    from dst_train.model.backbone import (
+        ModelUnavailable,
+        load_hf_model,
+        load_image_processor,
+        load_tokenizer,
+    )
+
+    def unreachable(*args, **kw):  # what transformers raises without a network or cache
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files\nmore")
+
+    for owner in (smolvlm.model_class(), AutoTokenizer, SmolVLMImageProcessorPil):
+        monkeypatch.setattr(owner, "from_pretrained", unreachable)
+    hub = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+    loads = {
+        "weights": lambda: load_hf_model("smolvlm2-256m", True, torch.float32, "sdpa"),
+        "tokenizer": lambda: load_tokenizer("smolvlm2-256m"),
+        "image processor": lambda: load_image_processor("smolvlm2-256m"),
+    }
+    for what, load in loads.items():
+        with pytest.raises(ModelUnavailable) as e:
+            load()
+        assert str(e.value).startswith(
+            f"model.arch=smolvlm2-256m: cannot load its {what} ({hub}): not in the Hugging Face "
+            "cache, and not downloadable here (We couldn't connect to 'https://huggingface.co' to "
+            "load the files). Download the model once where there is a network "
+            f"(`huggingface-cli download {hub}`"
+        ), e.value
+    with pytest.raises(OSError, match="couldn't connect") as e:  # a hub id of the user's own
+        load_tokenizer("someone/their-model")
+    assert not isinstance(e.value, ModelUnavailable)
+
+
+def test_training_a_named_model_offline_without_its_files_is_an_error_line(demo_root, tmp_path):
+    """The real path, offline (HF_HUB_OFFLINE) with an empty hub cache: a shipped config's
+    launch ends with one error line and exit 2, before a step or a file is written."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.engine.helpers import REPO
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("LOCAL_RANK", None)
+    argv = ["train", "--config", str(REPO / "launch/configs/smolvlm2-256m.yaml"),
+            f"data.root={demo_root}", f"output_dir={tmp_path}/run"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "dst_train.cli", *argv], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: model.arch=smolvlm2-256m: cannot load its weights (")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_real_architectures_build_on_meta_with_the_right_size():
     info = model_info(ModelConfig(arch="smolvlm2-2.2b"))
     assert info["parameters"]["all"]["total"] == pytest.approx(2.25e9, rel=0.005)
