@@ -652,6 +652,22 @@ def test_the_val_loader_reads_in_the_workers_and_they_leave_the_stop_signals_to_
     assert all(blocked for b in got for _, _, blocked in b)
 
 
+def test_a_cpu_run_takes_torchs_adamw_even_when_deepspeeds_is_asked_for(
+    demo_root, tiny_model_dir, tmp_path, world_of_one
+):
+    """train.deepspeed_adam=true picks DeepSpeed's FusedAdam on a GPU; it is a CUDA kernel, so a
+    CPU run (the tests, the demo) resolves its DeepSpeed config for the CPU: torch's AdamW."""
+    from dst_train.engine.trainer import prepare
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(
+        demo_root, tiny_model_dir, f"output_dir={tmp_path}", "train.deepspeed_adam=true"
+    )
+    ds_config = prepare(cfg)["ds_config"]
+    assert ds_config["optimizer"]["params"]["torch_adam"] is True
+    assert ds_config["zero_force_ds_cpu_optimizer"] is False
+
+
 def test_val_loss_is_the_mean_over_the_batches_evaluated(
     demo_root, tiny_model_dir, tmp_path, world_of_one
 ):
