@@ -265,7 +265,7 @@ def seed_everything(seed: int) -> None:
     import numpy as np
 
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed)  # numpy takes [0, 2**32); a config seed is in [0, 2**31 - 1]
     torch.manual_seed(seed)
 
 
