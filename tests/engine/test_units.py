@@ -668,6 +668,20 @@ def test_a_cpu_run_takes_torchs_adamw_even_when_deepspeeds_is_asked_for(
     assert ds_config["zero_force_ds_cpu_optimizer"] is False
 
 
+@pytest.mark.parametrize("micro, workers", [(1, 3), (2, 2), (3, 2), (8, 2), (8, 3), (16, 4)])
+def test_the_train_loaders_workers_keep_two_micro_batches_in_flight(micro, workers):
+    """Each worker prefetches enough samples that together they hold two micro-batches, and not
+    a round more (every sample in flight holds its decoded frames in RAM); torch's default of 2
+    per worker is the floor."""
+    from dst_train.engine.trainer import sample_loader
+
+    loader = sample_loader([0] * 64, SimpleNamespace(batch_size=micro), workers)
+    ahead = loader.prefetch_factor
+    assert isinstance(ahead, int) and ahead >= 2 and ahead * workers >= 2 * micro
+    assert ahead == 2 or (ahead - 1) * workers < 2 * micro
+    assert sample_loader([0], SimpleNamespace(batch_size=micro), 0).prefetch_factor is None
+
+
 def test_val_loss_is_the_mean_over_the_batches_evaluated(
     demo_root, tiny_model_dir, tmp_path, world_of_one
 ):
