@@ -682,6 +682,38 @@ def test_the_train_loaders_workers_keep_two_micro_batches_in_flight(micro, worke
     assert sample_loader([0], SimpleNamespace(batch_size=micro), 0).prefetch_factor is None
 
 
+def test_a_stopped_run_says_what_it_saved_in_how_long_and_how_to_resume(capsys):
+    """The last line of a run a signal stopped (rank 0 only): the checkpoint and the seconds the
+    save took, or that no step had run (nothing is saved then); the metrics are closed."""
+    import re
+
+    from dst_train.engine.trainer import stop_here
+
+    saved, closed = [], []
+    log = SimpleNamespace(close=lambda: closed.append(True))
+
+    def save(engine, state):
+        saved.append(state["step"])
+        return Path("ckpt/step_00000003")
+
+    got = stop_here(save, None, {"step": 3}, "SIGTERM", "step 4", log, 0)
+    assert got == {"step": 3, "stopped": "SIGTERM"} and saved == [3] and closed == [True]
+    line = capsys.readouterr().out
+    said = re.fullmatch(
+        r"stopped by SIGTERM during step 4: saved ckpt/step_00000003 in (\d+\.\d) s; "
+        r"run the same command to resume from there\n",
+        line,
+    )
+    assert said and float(said[1]) < 60, line  # seconds since the save began
+    assert stop_here(save, None, {"step": 0}, "SIGINT", "step 1", log, 0)["step"] == 0
+    assert saved == [3] and capsys.readouterr().out == (
+        "stopped by SIGINT during step 1: nothing to save; run the same command to resume "
+        "from there\n"
+    )
+    stop_here(save, None, {"step": 3}, "SIGTERM", "step 4", log, 1)  # the other ranks: silent
+    assert saved == [3, 3] and capsys.readouterr().out == "" and len(closed) == 3
+
+
 def test_val_loss_is_the_mean_over_the_batches_evaluated(
     demo_root, tiny_model_dir, tmp_path, world_of_one
 ):
@@ -1034,6 +1066,21 @@ def test_without_oom_retry_or_below_two_samples_an_oom_is_not_replayed():
     runner.rebuild = rebuild
     with pytest.raises(TrainingStopped, match="in the forward of step 3, rank 0.* one sample per"):
         runner.run_window([[0]], step=3)
+
+
+@pytest.mark.parametrize("oom_retry, world, zero", [(False, 2, 2), (True, 2, 3), (True, 1, 2)])
+def test_the_ranks_agree_on_nothing_after_a_forward_they_could_not_replay(oom_retry, world, zero):
+    """The OOM flag's all-reduce after every forward is for a replay on several ranks: without
+    train.oom_retry, on one rank, or under ZeRO-3 (never replayed) there is none, so the step
+    runs here without a process group."""
+    from dst_train.engine.trainer import MicroBatchRunner
+
+    assert not torch.distributed.is_initialized()
+    runner = MicroBatchRunner(
+        _LossEngine(), _two_samples, torch.device("cpu"), oom_retry, 2, 1, 0, world,
+        rebuild=lambda micro, accum: None, zero_stage=zero,
+    )  # fmt: skip
+    assert runner.run_window([[0, 1]])[-1].item() == 2  # the two samples, and no collective
 
 
 def test_the_ranks_of_a_gpu_run_agree_on_an_oom_over_the_cpu(tmp_path):
