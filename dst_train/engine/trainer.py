@@ -713,7 +713,7 @@ def resume_tag(cfg: RunConfig, ckpt_dir: Path) -> tuple[Path, str] | None:
 
 
 @torch.no_grad()
-def evaluate(engine, loader, device, max_batches: int = 0, stop: StopRequest | None = None) -> dict:
+def evaluate(engine, loader, device, max_batches: int, stop: StopRequest | None = None) -> dict:
     """Mean of every loss over the val split (or its first ``max_batches``), all ranks summed.
     With ``stop``, the ranks agree before each batch whether a signal cut the pass short
     (:class:`StopRequested`). It draws nothing from the global RNG (no dropout in eval mode, the

@@ -980,7 +980,7 @@ def _val_reads(rank: int, port: int, root: str) -> None:
     got = {}
     for n in (1, 5):
         _CountsReads.reads = 0
-        val = evaluate(_LossEngine(), _Batches([_two_samples([0])] * n), torch.device("cpu"))
+        val = evaluate(_LossEngine(), _Batches([_two_samples([0])] * n), torch.device("cpu"), 0)
         got[n] = (_CountsReads.reads, val)
     Path(root, "reads.json").write_text(json.dumps(got))
     torch.distributed.destroy_process_group()
@@ -1157,7 +1157,7 @@ def _val_loss_of_ranks(rank: int, world: int, port: int, root: str) -> None:
     loader = torch.utils.data.DataLoader(
         items, batch_sampler=sampler, collate_fn=lambda b: {"input_ids": torch.stack(b)}
     )
-    val = evaluate(_MeanEngine(), loader, torch.device("cpu"))
+    val = evaluate(_MeanEngine(), loader, torch.device("cpu"), max_batches=0)
     Path(root, f"world{world}_rank{rank}.json").write_text(json.dumps(val))
     torch.distributed.destroy_process_group()
 
