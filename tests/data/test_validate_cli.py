@@ -9,6 +9,7 @@ import pytest
 
 from dst_train.cli import main
 from dst_train.data.dataset import DatasetPaths
+from dst_train.data.validate import validate_dataset
 from tests.data.test_proassist import RECORD
 
 KEYS = {
@@ -223,7 +224,9 @@ def test_dst_tsv_alone_and_the_span_policy(tmp_path, capsys):
     assert code == 1 and refused["errors"][0].startswith(f"{tsv}:3: error: children of '1.1'")
 
 
-def test_deep_decodes_every_frame_a_clip_uses(demo_root, tmp_path, capsys):
+def _a_bad_frame_inside_a_clip(demo_root, tmp_path) -> tuple[Path, int]:
+    """A copy of the demo root whose first train clip has a frame that is not a JPEG, halfway
+    between its first and last: (root, that frame's index)."""
     from dst_train.data.proassist import FrameReader, write_frames
 
     root = tmp_path / "data"
@@ -235,6 +238,33 @@ def test_deep_decodes_every_frame_a_clip_uses(demo_root, tmp_path, capsys):
     frames[middle] = "bm90IGEgSlBFRw=="  # base64 of "not a JPEG"
     arrow.unlink()
     write_frames(arrow, frames)
+    return root, middle
+
+
+def test_validate_dataset_from_python_checks_frames_and_repairs_spans_quietly(
+    demo_root, tmp_path, capsys
+):
+    """The defaults of the Python call: frames are checked (each clip's first and last), spans
+    outside their parent are repaired with a warning, nothing is printed."""
+    from tests.conftest import write_tsv
+
+    root, middle = _a_bad_frame_inside_a_clip(demo_root, tmp_path)
+    paths = DatasetPaths.from_root(root)
+    rows = [("STEP", "1", 0, 10, "build"), ("SUBSTEP", "1.1", 2, 6, "base"),
+            ("ACTION", "1.1.1", 1, 3, "screw")]  # fmt: skip
+    tsv = write_tsv(tmp_path / "outside.tsv", rows)
+    report = validate_dataset(paths.prepared, paths.frames_root, paths.dst_dir, [tsv])
+    assert report.ok, report.errors[:3]  # the bad frame is in no clip's first or last place
+    assert any("outside its annotated span" in w for w in report.warnings)
+    assert capsys.readouterr() == ("", "")  # no progress bars
+    deep = validate_dataset(paths.prepared, paths.frames_root, paths.dst_dir, deep=True)
+    assert any(f"[{middle}]: not a base64-encoded image" in e for e in deep.errors)
+    no_frames = validate_dataset(paths.prepared, None, paths.dst_dir)  # checked: a root is needed
+    assert no_frames.errors and "no frames root given" in no_frames.errors[0]
+
+
+def test_deep_decodes_every_frame_a_clip_uses(demo_root, tmp_path, capsys):
+    root, middle = _a_bad_frame_inside_a_clip(demo_root, tmp_path)
     code, out = _run(capsys, str(root), "--json")
     assert code == 0, json.loads(out)["errors"]  # only each clip's first and last frames
     code, out = _run(capsys, str(root), "--deep", "--json")
