@@ -218,6 +218,8 @@ def test_dst_tsv_alone_and_the_span_policy(tmp_path, capsys):
     code, out = _run(capsys, "--dst-tsv", str(tsv), "--json")
     repaired = json.loads(out)
     assert code == 0 and repaired["dst_nodes"] == 3 and repaired["clips"] == 0
+    # repaired to the action's [1, 3] s: each node starts at 1 s and completes at 3 s
+    assert (repaired["dst_files"], repaired["dst_transitions"]) == (1, 6)
     assert any("outside its annotated span" in w for w in repaired["warnings"])
     code, out = _run(capsys, "--dst-tsv", str(tsv), "--span-policy", "error", "--json")
     refused = json.loads(out)
@@ -270,3 +272,20 @@ def test_deep_decodes_every_frame_a_clip_uses(demo_root, tmp_path, capsys):
     code, out = _run(capsys, str(root), "--deep", "--json")
     errors = json.loads(out)["errors"]
     assert code == 1 and any(f"[{middle}]: not a base64-encoded image" in e for e in errors)
+
+
+def test_the_summary_lists_twenty_problems_of_each_kind_and_counts_the_rest():
+    from dst_train.data.validate import ValidationReport
+
+    report = ValidationReport(errors=[f"e{i}" for i in range(23)], warnings=["w0"])
+    lines = report.summary().splitlines()
+    assert lines[lines.index("errors: 23") + 1 : lines.index("warnings: 1")] == [
+        *(f"  e{i}" for i in range(20)),
+        "  ... and 3 more (see --json)",
+    ]
+    assert lines[-2:] == ["  w0", "FAILED"]
+    assert "speak frames 0 (-)" in report.summary()  # no frames: no rate
+    exactly = ValidationReport(errors=[f"e{i}" for i in range(20)], frames=4, speak_frames=1)
+    assert "more (see --json)" not in exactly.summary()
+    assert "speak frames 1 (25.0%)" in exactly.summary()
+    assert ValidationReport().summary().endswith("errors: 0\nwarnings: 0\nOK")
