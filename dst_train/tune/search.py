@@ -111,9 +111,7 @@ def search(
         if bad is not None and target >= upper:
             # the line does not see what failed (an OOM has no peak): bisect instead
             target = (best.micro_batch + bad.micro_batch) // 2
-        target = min(target, upper)
-        if target <= best.micro_batch:
-            break
+        target = min(target, upper)  # > best: step >= 1, and a bisection has bad >= best + 2
         p = probe(target, best.peak_bytes + slope * (target - best.micro_batch))
         if p.fits(limit_bytes):
             good.append(p)

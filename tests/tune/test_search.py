@@ -102,6 +102,17 @@ def test_nothing_fits():
     assert err.value.result.micro_batch == 0
 
 
+@pytest.mark.parametrize("oom", [False, True])
+def test_when_only_one_sample_fits_two_probes_say_so(oom):
+    """A model that leaves room for one sample a GPU (2.2B on a 24 GB card at long sequences):
+    micro-batch 2 over the limit, or out of memory, ends the search at 1."""
+    peak = linear(20 * GiB, 1 * GiB)  # 1: 21 GiB, 2: 22 GiB over the 21.6 GiB limit
+    for find in (search, doubling_search):
+        r = find(curve(peak, oom_above=1 if oom else None), LIMIT)
+        assert r.micro_batch == 1 and [p.micro_batch for p in r.probes] == [1, 2]
+        assert r.peak_bytes == int(peak(1))
+
+
 def test_max_micro_caps_the_answer():
     peak = linear(1 * GiB, 0.01 * GiB)
     for find in (search, doubling_search):
