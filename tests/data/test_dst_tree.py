@@ -277,6 +277,21 @@ def test_check_state_reports_inconsistency(tmp_path):
     assert check_state(tree, state) == ["1.1 is completed but its children imply in_progress"]
     del state["1.2"]
     assert "missing nodes: 1.2" in check_state(tree, state)
+    # what a model may write: a node the task does not have, a state that is not one
+    valid = tree.state_at(2)
+    assert check_state(tree, {**valid, "9.9": COMPLETED}) == ["unknown nodes: 9.9"]
+    assert check_state(tree, {**valid, "1": "done"}) == ["unknown states on: 1"]
+
+
+def test_a_dst_file_that_cannot_be_read_is_an_issue_and_a_bad_policy_an_error(tmp_path):
+    folder = tmp_path / "v.tsv"
+    folder.mkdir()  # a folder where the file should be
+    tree, issues = read_dst_tsv(folder)
+    assert tree is None and [str(i) for i in issues] == [
+        f"{folder}: error: cannot read DST file: Is a directory"
+    ]
+    with pytest.raises(ValueError, match="span_policy must be one of .*, got 'fix'"):
+        read_dst_tsv(write_tsv(tmp_path / "w.tsv", NUMERIC), span_policy="fix")
 
 
 # ------------------------------------------------------------ repair

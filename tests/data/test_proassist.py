@@ -131,3 +131,19 @@ def test_frame_reader_errors(tmp_path):
     write_frames(bad, ["bm90IGEganBlZw=="])  # valid base64, not an image
     with pytest.raises(DataFormatError, match=r"bad.arrow\[0\]: not a base64-encoded image"):
         FrameReader(bad).images(0, 1)
+    # an Arrow file of something else: its columns are named
+    from datasets import Dataset
+
+    other = tmp_path / "other"
+    Dataset.from_dict({"image": ["x"]}).save_to_disk(str(other))
+    arrow = next(other.glob("*.arrow"))
+    with pytest.raises(DataFormatError, match=rf"{arrow}: no 'frame' column \(has \['image'\]\)"):
+        FrameReader(arrow)
+
+
+def test_a_dataset_root_needs_its_prepared_jsonl_files(tmp_path):
+    from dst_train.data.dataset import DatasetPaths
+
+    (tmp_path / "prepared").mkdir()
+    with pytest.raises(DataFormatError, match=rf"{tmp_path / 'prepared'}: no \*\.jsonl files"):
+        DatasetPaths.from_root(tmp_path)
