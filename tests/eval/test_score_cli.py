@@ -62,6 +62,7 @@ def _with(**change):
         target = obj
         for k in keys:
             target = target[int(k)] if k.isdigit() else target[k]
+        last = int(last) if last.isdigit() else last
         if value is KeyError:
             del target[last]
         else:
@@ -85,6 +86,10 @@ BAD = [
     (json.dumps(GOOD).replace("2.0", "NaN"), "not a number in JSON"),
     (json.dumps(GOOD).replace('"time": 1.0', '"time": Infinity'), "not a number in JSON"),
     ("[" * 100000 + "]" * 100000, "not a JSON object"),
+    (_with(predictions__0="x"), "field predictions[0]: expected an object, got 'x'"),
+    (_with(references__0__text=KeyError), "field references[0]: missing key 'text'"),
+    # Python's json reads a number too big for a float as infinity
+    (json.dumps(GOOD).replace('"time": 1.0', '"time": 1e400'), "time: not finite (inf)"),
 ]
 
 
@@ -110,6 +115,9 @@ def test_bad_input_through_the_cli_is_an_error_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and "not UTF-8" in proc.stderr
     proc = run_score(tmp_path / "missing.jsonl")
     assert proc.returncode == 2 and "cannot read" in proc.stderr
+    f.write_text("\n\n")
+    proc = run_score(f)
+    assert proc.returncode == 2 and proc.stderr == f"error: {f}: no video records\n"
 
 
 def test_two_turns_on_one_frame_are_joined_and_times_map_by_truncation(tmp_path):
