@@ -489,3 +489,22 @@ def test_step_flops_count_each_weight_as_it_is_used(tiny_family_dir):
         p.ds_numel = p.numel()
         p.data = torch.empty(0)
     assert step_flops(model, 10, 0, 1) == 6 * 10 * per_token
+
+
+def test_image_tokens_and_frame_embeddings_must_pair_up(tiny_family_dir):
+    """Each image token takes the next frame embedding: a count that differs is an error, never
+    a silent shift of every later frame; text without image tokens needs no frames."""
+    model = build_model(ModelConfig(arch=str(tiny_family_dir)), tiny_head(), FP32)
+    image, hidden = model.backbone.image_token_id, model.backbone.hidden_size
+    ids = torch.tensor([[5, image, 6, image, 7]])
+    frames = torch.arange(2 * hidden, dtype=torch.float32).view(2, 1, hidden)
+    embeds = model.embed(ids, frames)
+    assert torch.equal(embeds[0, [1, 3]], frames[:, 0])  # in order
+    assert torch.equal(embeds[0, [0, 2, 4]], model.backbone.embed_tokens(ids)[0, [0, 2, 4]])
+    with pytest.raises(ValueError, match="2 image tokens but 3 frame embeddings"):
+        model.embed(ids, torch.zeros(3, 1, hidden))
+    for none in (None, torch.zeros(0, 1, hidden)):
+        with pytest.raises(ValueError, match="2 image tokens but no frames given"):
+            model.embed(ids, none)
+    text = torch.tensor([[5, 6, 7]])
+    assert torch.equal(model.embed(text, None), model.backbone.embed_tokens(text))
