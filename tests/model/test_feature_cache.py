@@ -127,3 +127,24 @@ def test_one_process_per_gpu_builds_the_cache_one_process_builds(
         video = name[: -len(".arrow")]
         x, y = (FeatureCache(tmp_path / d).load(video, [0, 1]) for d in ("one", "two"))
         torch.testing.assert_close(x, y, rtol=2e-3, atol=2e-3)
+
+
+def test_reading_a_cache_names_what_it_lacks(demo_root, tiny_model_dir, tmp_path):
+    """Training reads a complete cache: a video it lacks, frames past a video's rows and another
+    model's key are named; no frames is an empty (0, P, Dv) tensor."""
+    tower = Tower(demo_root, tiny_model_dir)
+    tower.files = tower.files[:1]
+    out = tmp_path / "cache"
+    tower.build(out)
+    cache = FeatureCache(out, tower.key)
+    video = tower.files[0]
+    index = json.loads((out / "cache.json").read_text())
+    first = cache.load(video, [0, 1])
+    assert first.shape[0] == 2 and first.dtype == torch.float16
+    assert cache.load(video, []).shape == (0, *index["shape"])
+    with pytest.raises(DataFormatError, match=rf"{out / 'other'}\.arrow: no cached features"):
+        cache.load("other", [0])
+    with pytest.raises(DataFormatError, match=r"frames \[\d+, \d+\) past its \d+ rows"):
+        cache.load(video, [10**6])
+    with pytest.raises(DataFormatError, match=f"{out}: feature cache was built for another model"):
+        FeatureCache(out, "another-key")
