@@ -489,6 +489,26 @@ def test_the_training_loop_stops_on_a_streak_of_overflowing_steps(
     assert not list(out.glob("checkpoints/step_*"))
 
 
+def test_a_single_process_rerun_of_a_finished_run_says_so_and_trains_nothing(
+    demo_root, tiny_model_dir, tmp_path, world_of_one, capsys
+):
+    from dst_train.engine.trainer import fit
+    from tests.conftest import tiny_run_config
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(
+        demo_root, tiny_model_dir, f"output_dir={out}", "train.tensorboard=false",
+        "train.max_steps=1", "train.eval_batches=1",
+    )  # fmt: skip
+    assert fit(cfg)["step"] == 1
+    capsys.readouterr()
+    log = (out / "metrics.jsonl").read_text()
+    assert fit(cfg) == {"step": 1}
+    said = capsys.readouterr().out
+    assert said == f"{out / 'checkpoints' / 'step_00000001'}: already at step 1; nothing to do\n"
+    assert (out / "metrics.jsonl").read_text() == log
+
+
 def test_train_resume_auto_never_or_a_folder(tmp_path):
     from dst_train.engine.checkpoint import COMPLETE, LATEST
     from dst_train.engine.trainer import resume_tag
