@@ -398,8 +398,8 @@ def fit(cfg: RunConfig) -> dict:
     if tag is not None:
         state = checkpoint.load(engine, tag[0], tag[1], rank)
         if state["step"] >= cfg.train.max_steps:
-            # a rerun of a finished run: nothing to train, and nothing to save again (re-saving
-            # would delete the checkpoint `latest` names before rewriting it)
+            # a rerun of a finished run: nothing to train, and no second final val pass and
+            # metrics line (a save of the complete step would be kept as it is)
             if rank == 0:
                 print(f"{tag[0] / tag[1]}: already at step {state['step']}; nothing to do")
             return {"step": state["step"]}

@@ -489,24 +489,34 @@ def test_the_training_loop_stops_on_a_streak_of_overflowing_steps(
     assert not list(out.glob("checkpoints/step_*"))
 
 
-def test_a_single_process_rerun_of_a_finished_run_says_so_and_trains_nothing(
+def test_a_run_evaluates_each_step_once_and_a_rerun_says_it_is_done(
     demo_root, tiny_model_dir, tmp_path, world_of_one, capsys
 ):
+    """Val loss and save every step: the last step's val loss comes once, from the end of the
+    run (not also from the periodic ones), and every step is saved. A single-process rerun of
+    the finished run prints where it stands (rank 0's line) and trains, logs and saves
+    nothing."""
     from dst_train.engine.trainer import fit
     from tests.conftest import tiny_run_config
 
     out = tmp_path / "run"
     cfg = tiny_run_config(
         demo_root, tiny_model_dir, f"output_dir={out}", "train.tensorboard=false",
-        "train.max_steps=1", "train.eval_batches=1",
+        "train.max_steps=2", "train.eval_batches=1", "train.eval_every=1", "train.save_every=1",
     )  # fmt: skip
-    assert fit(cfg)["step"] == 1
-    capsys.readouterr()
+    assert fit(cfg)["step"] == 2
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [1, 2]
+    capsys.readouterr()  # the first run's lines
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000001", "step_00000002"]
+    before = {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")}
     log = (out / "metrics.jsonl").read_text()
-    assert fit(cfg) == {"step": 1}
+    assert fit(cfg) == {"step": 2}
     said = capsys.readouterr().out
-    assert said == f"{out / 'checkpoints' / 'step_00000001'}: already at step 1; nothing to do\n"
+    assert said == f"{ckpts / 'step_00000002'}: already at step 2; nothing to do\n"
     assert (out / "metrics.jsonl").read_text() == log
+    assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*")} == before
 
 
 def test_train_resume_auto_never_or_a_folder(tmp_path):
