@@ -141,6 +141,15 @@ def test_evaluate_from_python_names_a_count_below_one_before_loading(demo_root, 
     assert not (tmp_path / "eval").exists()
 
 
+def test_evaluate_from_python_names_an_unknown_dtype_before_loading(demo_root, tmp_path):
+    from dst_train.eval.evaluate import evaluate
+
+    folder = _unloadable_model_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"^dtype 'fp8': expected one of \['bf16', 'fp16', "):
+        evaluate(folder, demo_root, out=tmp_path / "eval", dtype="fp8")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_evaluate_in_bf16_agrees_with_fp32(demo_root, model_folder, tmp_path):
     from dst_train.eval.evaluate import evaluate
 

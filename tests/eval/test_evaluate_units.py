@@ -243,6 +243,11 @@ def test_resume_names_the_trace_file_and_line_it_cannot_read(tmp_path):
         path.write_text(json.dumps(good) + "\n" + bad + "\n")
         with pytest.raises(StaleTraces, match=rf"{path}:2: not a trace record .*--resume"):
             finished_traces(tmp_path, {"split": "test"}, [SimpleNamespace(clip=clip)])
+    settings = tmp_path / SETTINGS_FILE
+    for bad, why in (("[1]", "not a JSON object"), ("{torn", "Expecting property name")):
+        settings.write_text(bad)  # the run settings file, not written by us
+        with pytest.raises(StaleTraces, match=rf"{settings}: unreadable \({why}.*--resume"):
+            finished_traces(tmp_path, {"split": "test"}, [SimpleNamespace(clip=clip)])
 
 
 def test_the_decoding_limit_is_a_quarter_longer_than_the_longest_reference_turn(
