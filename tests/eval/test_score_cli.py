@@ -13,14 +13,30 @@ from tests.engine.helpers import REPO
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "proassist_parity"
 
 
-def run_score(*args):
+def run_score(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "dst_train.cli", "score", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
+
+
+def test_without_java_the_text_metrics_are_n_a_and_the_rest_is_scored(tmp_path):
+    """BLEU, METEOR and CIDEr need java (the PTB tokenizer, METEOR's jar); a machine without it
+    (a GPU image) still gets the speaking and similarity metrics, and a warning."""
+    import os
+
+    (tmp_path / "bin").mkdir()  # a PATH on which there is no java
+    env = {**os.environ, "PATH": str(tmp_path / "bin")}
+    proc = run_score(FIXTURES / "cases" / "001.jsonl", "--embedding-model", "minilm", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = dict(line.split() for line in proc.stdout.splitlines()[1:])
+    assert all(rows[k] == "n/a" for k in ("bleu1", "bleu4", "meteor", "cider"))
+    assert float(rows["speak_f1"]) > 0 and float(rows["semantic_similarity"]) > 0
+    assert "java not found: BLEU/METEOR/CIDEr need it" in proc.stderr
 
 
 GOOD = {
