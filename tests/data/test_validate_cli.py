@@ -125,6 +125,23 @@ def test_frames_no_turn_shows_are_a_warning_that_names_the_dst_updates_there(
     assert code == 0 and report["warnings"] == [warning]
 
 
+def test_a_clip_whose_video_has_no_dst_file_is_named_once_dst_is_given(tmp_path, capsys):
+    """DST files given one by one (--dst-tsv) or as a folder (--dst-dir, even an empty one): a
+    clip of a video none of them annotates is a warning; with no DST given at all, none."""
+    from tests.conftest import write_tsv
+
+    path = tmp_path / "prepared.jsonl"
+    path.write_text(json.dumps(RECORD) + "\n")
+    rows = [("STEP", "1", 0, 2, "x"), ("SUBSTEP", "1.1", 0, 2, "y"), ("ACTION", "1.1.1", 0, 2, "z")]
+    tsv = write_tsv(tmp_path / "other_video.tsv", rows)
+    (tmp_path / "empty").mkdir()
+    missing = f"{path}:1: no DST annotation for video 'vid_a'"
+    for given in (["--dst-tsv", str(tsv)], ["--dst-dir", str(tmp_path / "empty")], []):
+        code, out = _run(capsys, "--prepared", str(path), "--no-frames", *given, "--json")
+        warnings = json.loads(out)["warnings"]
+        assert code == 0 and (missing in warnings) == bool(given), (given, warnings)
+
+
 def _broken_copy(demo_root, tmp_path):
     root = tmp_path / "broken"
     shutil.copytree(demo_root, root)
