@@ -452,8 +452,8 @@ def from_hub(arch: str, what: str, load):
         hub = ARCHS[arch][1]
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelUnavailable(
-            f"model.arch={arch}: cannot load its {what} ({hub}): not in the Hugging Face cache, "
-            f"and not downloadable here ({first}). Download the model once where there is a "
-            f"network (`huggingface-cli download {hub}`, with the HF_HOME this job uses), or set "
+            f"model.arch={arch}: cannot load its {what} from {hub} ({first}). A node without a "
+            "network reads them from the Hugging Face cache: download the model once where there "
+            f"is one (`huggingface-cli download {hub}`, with the HF_HOME this job uses), or set "
             "model.arch to a model folder"
         ) from None

@@ -302,9 +302,9 @@ def test_a_named_models_files_that_cannot_be_had_say_how_to_get_them(monkeypatch
         with pytest.raises(ModelUnavailable) as e:
             load()
         assert str(e.value).startswith(
-            f"model.arch=smolvlm2-256m: cannot load its {what} ({hub}): not in the Hugging Face "
-            "cache, and not downloadable here (We couldn't connect to 'https://huggingface.co' to "
-            "load the files). Download the model once where there is a network "
+            f"model.arch=smolvlm2-256m: cannot load its {what} from {hub} (We couldn't connect "
+            "to 'https://huggingface.co' to load the files). A node without a network reads them "
+            "from the Hugging Face cache: download the model once where there is one "
             f"(`huggingface-cli download {hub}`"
         ), e.value
     with pytest.raises(OSError, match="couldn't connect") as e:  # a hub id of the user's own
@@ -329,7 +329,7 @@ def test_training_a_named_model_offline_without_its_files_is_an_error_line(demo_
         [sys.executable, "-m", "dst_train.cli", *argv], env=env, capture_output=True, text=True
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith("error: model.arch=smolvlm2-256m: cannot load its weights (")
+    assert proc.stderr.startswith("error: model.arch=smolvlm2-256m: cannot load its weights from")
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
