@@ -28,6 +28,14 @@ KEYS = {
 }
 
 
+# a task tree whose action starts before its substep: repaired (a warning) or refused
+ACTION_BEFORE_ITS_PARENT = [
+    ("STEP", "1", 0, 10, "build"),
+    ("SUBSTEP", "1.1", 2, 6, "base"),
+    ("ACTION", "1.1.1", 1, 3, "screw"),
+]
+
+
 def _run(capsys, *args):
     code = main(["validate-data", *args])
     return code, capsys.readouterr().out
@@ -226,12 +234,7 @@ def test_frames_root_and_dst_dir_options_are_where_files_are_found(demo_root, tm
 def test_dst_tsv_alone_and_the_span_policy(tmp_path, capsys):
     from tests.conftest import write_tsv
 
-    rows = [
-        ("STEP", "1", 0, 10, "build"),
-        ("SUBSTEP", "1.1", 2, 6, "base"),
-        ("ACTION", "1.1.1", 1, 3, "screw"),  # starts before its parent
-    ]
-    tsv = write_tsv(tmp_path / "v.tsv", rows)
+    tsv = write_tsv(tmp_path / "v.tsv", ACTION_BEFORE_ITS_PARENT)
     code, out = _run(capsys, "--dst-tsv", str(tsv), "--json")
     repaired = json.loads(out)
     assert code == 0 and repaired["dst_nodes"] == 3 and repaired["clips"] == 0
@@ -269,9 +272,7 @@ def test_validate_dataset_from_python_checks_frames_and_repairs_spans_quietly(
 
     root, middle = _a_bad_frame_inside_a_clip(demo_root, tmp_path)
     paths = DatasetPaths.from_root(root)
-    rows = [("STEP", "1", 0, 10, "build"), ("SUBSTEP", "1.1", 2, 6, "base"),
-            ("ACTION", "1.1.1", 1, 3, "screw")]  # fmt: skip
-    tsv = write_tsv(tmp_path / "outside.tsv", rows)
+    tsv = write_tsv(tmp_path / "outside.tsv", ACTION_BEFORE_ITS_PARENT)
     report = validate_dataset(paths.prepared, paths.frames_root, paths.dst_dir, [tsv])
     assert report.ok, report.errors[:3]  # the bad frame is in no clip's first or last place
     assert any("outside its annotated span" in w for w in report.warnings)
